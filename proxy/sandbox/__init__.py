@@ -1,0 +1,10 @@
+"""The built-in AImyChats-compatible sandbox upstream.
+
+It serves the seed's API over HTTPS on loopback with a throwaway CA, so `credproxy serve
+--sandbox` and the project's end-to-end tests work with no account and no network.
+"""
+
+from proxy.sandbox.app import PLANS, ReceivedRequest, SandboxKey, SandboxState
+from proxy.sandbox.server import Sandbox, run_sandbox
+
+__all__ = ["PLANS", "ReceivedRequest", "Sandbox", "SandboxKey", "SandboxState", "run_sandbox"]
