@@ -1,0 +1,116 @@
+"""The admin listener: health, readiness, metrics, status and reload.
+
+It is a separate aiohttp application that never goes through the proxy
+pipeline, binds loopback or a unix socket only (the config refuses anything
+else), and never shows a secret: /status carries names, states and numbers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import __version__
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .server import Daemon
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+
+
+def status_document(daemon: Daemon) -> dict[str, Any]:
+    """The /status JSON (SPEC "Admin listener"); names and numbers, never values."""
+    snap = daemon.snapshot
+    config = snap.config
+    try:
+        stored = {info.name for info in daemon.store.info()}
+        counts = daemon.store.app_token_counts()
+    except StoreError:
+        stored, counts = set(), {}
+    config_counts: dict[str, int] = {}
+    for name, app in config.apps.items():
+        config_counts[name] = len(app.token_sha256)
+    upstreams: dict[str, Any] = {}
+    for name, up in config.upstreams.items():
+        creds = {
+            ref.name: {"state": "ok" if ref.name in stored else "missing", "expires_at": None}
+            for ref in up.credentials
+        }
+        upstreams[name] = {
+            "base_url": up.base_url,
+            "queue": {"depth": 0, "max_size": up.queue.max_size},
+            "hold_until": None,
+            "rate_limit": None,
+            "credentials": creds,
+        }
+    apps = {
+        name: {
+            "tokens": counts.get(name, 0) + config_counts.get(name, 0),
+            "upstreams": {u: sorted(g.scopes) for u, g in app.upstreams.items()},
+        }
+        for name, app in config.apps.items()
+    }
+    return {
+        "version": __version__,
+        "pid": daemon.pid,
+        "started_at": daemon.started_at,
+        "config": {
+            "path": str(daemon.config_path) if daemon.config_path else None,
+            "version": snap.version,
+            "loaded_at": snap.loaded_at,
+            "last_reload": daemon.last_reload,
+        },
+        "store": {"path": str(daemon.store.path), "error": daemon.vault.last_error},
+        "listeners": sorted(daemon.listeners),
+        "upstreams": upstreams,
+        "apps": apps,
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    reasons = []
+    if not daemon.listeners:
+        reasons.append("no proxy listener is open")
+    try:
+        daemon.store.generation()
+    except StoreError as exc:
+        reasons.append(str(exc))
+    if reasons:
+        return web.json_response({"ready": False, "reasons": reasons}, status=503)
+    return web.json_response({"ready": True, "reasons": []})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_document(request.app[DAEMON]))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[DAEMON].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def reload(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    ok = await daemon.reload("POST /reload")
+    return web.json_response(
+        {"ok": ok, "last_reload": daemon.last_reload}, status=200 if ok else 422
+    )
+
+
+def admin_app(daemon: Daemon) -> web.Application:
+    app = web.Application()
+    app[DAEMON] = daemon
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/reload", reload)
+    return app

@@ -1,0 +1,281 @@
+"""The upstream side: pooled HTTPS clients, header hygiene, streaming both ways.
+
+One aiohttp ClientSession per upstream, TLS always verified (system CAs plus the
+upstream's `ca_bundle`), proxy variables from the environment ignored, redirects
+never followed, bodies never decompressed or buffered. Lower-layer client errors
+are mapped here, once, to `upstream_unreachable` / `upstream_timeout`; raw
+library errors never reach an app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import UpstreamConfig
+from .errors import ProxyError, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
+
+log = logging.getLogger("credproxy.forward")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the proxy's own and the legacy ones.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Request fields the app must not control upstream: identity, routing, overrides.
+_STRIP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+}
+
+
+def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", []):
+        named.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return named
+
+
+def request_headers(
+    incoming: CIMultiDictProxy[str], auth_name: str, auth_value: str
+) -> CIMultiDict[str]:
+    """The headers sent upstream: the app's, cleaned, with exactly one credential.
+
+    The credential is added after every removal, so no header the app names in
+    `Connection` (or sends itself) can remove or duplicate it.
+    """
+    drop = _STRIP_REQUEST | _connection_named(incoming) | {auth_name.lower()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname in drop or lname.startswith("x-credproxy-"):
+            continue
+        out.add(name, value)
+    out[auth_name] = auth_value
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _connection_named(upstream) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """System trust store plus the upstream's extra CA file; TLS 1.2 at least."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_bundle is not None:
+        ctx.load_verify_locations(cafile=str(ca_bundle))
+    return ctx
+
+
+@dataclass(eq=False)
+class _Pool:
+    key: tuple[str, str | None]
+    session: aiohttp.ClientSession
+    active: int = 0
+    retired: bool = False
+    closing: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class UpstreamClients:
+    """One pooled ClientSession per upstream, kept across reloads while unchanged.
+
+    A session whose upstream changed or went away is retired: new requests get a
+    fresh one, and the old one closes once its last request in flight finishes.
+    """
+
+    def __init__(self, *, pool_size: int = 100) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._retired: set[_Pool] = set()
+        self._pool_size = pool_size
+
+    @staticmethod
+    def _key(upstream: UpstreamConfig) -> tuple[str, str | None]:
+        return (upstream.origin, str(upstream.ca_bundle) if upstream.ca_bundle else None)
+
+    def _new(self, upstream: UpstreamConfig) -> _Pool:
+        connector = aiohttp.TCPConnector(
+            ssl=make_ssl_context(upstream.ca_bundle),
+            limit=self._pool_size,
+            limit_per_host=0,
+            ttl_dns_cache=60,
+            keepalive_timeout=30,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        return _Pool(self._key(upstream), session)
+
+    @contextmanager
+    def lease(self, name: str, upstream: UpstreamConfig) -> Iterator[aiohttp.ClientSession]:
+        pool = self._pools.get(name)
+        if pool is None or pool.key != self._key(upstream):
+            if pool is not None:
+                self._retire(pool)
+            pool = self._pools[name] = self._new(upstream)
+        pool.active += 1
+        try:
+            yield pool.session
+        finally:
+            pool.active -= 1
+            if pool.retired and pool.active == 0:
+                self._close_later(pool)
+
+    def sync(self, upstreams: dict[str, UpstreamConfig]) -> None:
+        """Retire the sessions of upstreams that were removed or changed origin/CA."""
+        for name, pool in list(self._pools.items()):
+            upstream = upstreams.get(name)
+            if upstream is None or self._key(upstream) != pool.key:
+                del self._pools[name]
+                self._retire(pool)
+
+    def _retire(self, pool: _Pool) -> None:
+        pool.retired = True
+        self._retired.add(pool)
+        if pool.active == 0:
+            self._close_later(pool)
+
+    def _close_later(self, pool: _Pool) -> None:
+        if pool.closing is None:
+            pool.closing = asyncio.get_running_loop().create_task(pool.session.close())
+            pool.closing.add_done_callback(lambda _t: self._retired.discard(pool))
+
+    async def close(self) -> None:
+        pools = list(self._pools.values()) + list(self._retired)
+        self._pools.clear()
+        await asyncio.gather(*(p.session.close() for p in pools), return_exceptions=True)
+
+
+class BodyCounter:
+    """Streams the app's body upstream, refusing it once it passes the limit."""
+
+    def __init__(self, source: aiohttp.StreamReader, limit: int) -> None:
+        self.source = source
+        self.limit = limit
+        self.sent = 0
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.source.iter_any():
+            self.sent += len(chunk)
+            if self.sent > self.limit:
+                self.too_large = True
+                raise RequestTooLarge(f"request body is over {self.limit} bytes")
+            yield chunk
+
+
+def _host_of(upstream: UpstreamConfig) -> str:
+    return upstream.origin.split("://", 1)[1]
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str | object,
+    upstream: UpstreamConfig,
+    headers: CIMultiDict[str],
+    body: BodyCounter | None,
+) -> aiohttp.ClientResponse:
+    """Send one attempt upstream; map every client failure to a ProxyError."""
+    t = upstream.timeouts
+    timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
+    host = _host_of(upstream)
+    try:
+        return await session.request(
+            method,
+            url,  # type: ignore[arg-type]
+            headers=headers,
+            data=body.__aiter__() if body is not None else None,
+            allow_redirects=False,
+            timeout=timeout,
+            proxy=None,
+        )
+    except ProxyError:
+        raise
+    except aiohttp.ClientConnectorCertificateError as exc:
+        reason = getattr(exc.certificate_error, "verify_message", None) or str(
+            exc.certificate_error
+        )
+        raise UpstreamUnreachable(
+            f"TLS certificate verification failed for {host}: {reason}"
+        ) from None
+    except aiohttp.ClientConnectorSSLError as exc:
+        raise UpstreamUnreachable(f"TLS handshake with {host} failed: {exc.strerror}") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamUnreachable(f"cannot connect to {host}: {exc.strerror}") from None
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout(f"{host} did not answer in time") from None
+    except aiohttp.ServerDisconnectedError:
+        if body is not None and body.too_large:
+            raise RequestTooLarge(f"request body is over {body.limit} bytes") from None
+        raise UpstreamUnreachable(f"{host} closed the connection before answering") from None
+    except aiohttp.ClientResponseError as exc:
+        raise UpstreamUnreachable(f"{host} sent a malformed response ({exc.message})") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        if body is not None and body.too_large:
+            raise RequestTooLarge(f"request body is over {body.limit} bytes") from None
+        raise UpstreamUnreachable(f"request to {host} failed: {type(exc).__name__}") from None
+
+
+async def start_response(
+    request: web.BaseRequest, upstream_resp: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    """Send the upstream's status line and headers to the app."""
+    resp = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
+    resp.headers.extend(response_headers(upstream_resp.headers))
+    length = upstream_resp.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        resp.content_length = int(length)
+    await resp.prepare(request)
+    return resp
+
+
+async def stream_body(
+    request: web.BaseRequest, resp: web.StreamResponse, upstream_resp: aiohttp.ClientResponse
+) -> int:
+    """Copy the body chunk by chunk as it arrives (an SSE event is never held back)."""
+    sent = 0
+    if request.method != "HEAD" and upstream_resp.status not in (204, 304):
+        async for chunk in upstream_resp.content.iter_any():
+            sent += len(chunk)
+            await resp.write(chunk)
+    await resp.write_eof()
+    return sent

@@ -1,0 +1,104 @@
+"""Which app is calling: its local app token, its source address, its peer uid.
+
+Apps present a `cpx_` token as `Authorization: Bearer …` or in
+`X-Credproxy-App-Token`. Only SHA-256 hashes of tokens are ever held, and a
+token is looked up by its hash, so neither the comparison nor the table reveals
+through timing which tokens exist. Tokens are read from headers only, never
+from a query string or cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
+
+from multidict import CIMultiDictProxy
+
+from .config import AppConfig
+from .errors import Forbidden, Unauthorized
+
+TOKEN_HEADER = "X-Credproxy-App-Token"  # noqa: S105 - a header name
+TOKEN_PREFIX = "cpx_"  # noqa: S105 - the public token prefix
+ANONYMOUS = "anonymous"
+
+
+def new_app_token() -> str:
+    """A fresh app token: `cpx_` + 32 random bytes, URL-safe base64 (43 characters)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def presented_token(headers: CIMultiDictProxy[str]) -> str | None:
+    """The app token the request carries, if any (the dedicated header wins)."""
+    values = headers.getall(TOKEN_HEADER, [])
+    if len(values) > 1:
+        raise Unauthorized(f"more than one {TOKEN_HEADER} header")
+    if values:
+        return values[0].strip()
+    auth = headers.getall("Authorization", [])
+    if len(auth) == 1:
+        scheme, _, value = auth[0].strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip().startswith(TOKEN_PREFIX):
+            return value.strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The app a request was identified as."""
+
+    name: str
+    app: AppConfig
+
+
+def identify(
+    headers: CIMultiDictProxy[str],
+    remote: str | None,
+    apps: Mapping[str, AppConfig],
+    tokens: Mapping[str, str],
+    peer_uid: int | None = None,
+) -> Caller:
+    """Find the calling app or raise Unauthorized / Forbidden.
+
+    `tokens` maps token hash -> app name (config hashes and store hashes merged).
+    """
+    token = presented_token(headers)
+    if token is None:
+        app = apps.get(ANONYMOUS)
+        if app is None:
+            raise Unauthorized(
+                "no app token: send 'Authorization: Bearer cpx_…' or "
+                f"'{TOKEN_HEADER}' (create one with `credproxy apps token APP`)"
+            )
+        caller = Caller(ANONYMOUS, app)
+    else:
+        name = tokens.get(token_hash(token))
+        app = apps.get(name) if name is not None else None
+        if name is None or app is None:
+            raise Unauthorized("unknown or revoked app token")
+        caller = Caller(name, app)
+    _check_source(caller, remote, peer_uid)
+    return caller
+
+
+def _check_source(caller: Caller, remote: str | None, peer_uid: int | None) -> None:
+    app = caller.app
+    if app.peer_uid is not None and peer_uid is not None and peer_uid != app.peer_uid:
+        raise Forbidden(f"app '{caller.name}' is not allowed from uid {peer_uid}")
+    if not app.allow_from or remote is None or remote.startswith("/") or remote == "":
+        # Unix-socket peers have no address; they are bound by peer uid instead.
+        return
+    try:
+        addr = ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        raise Forbidden(f"app '{caller.name}' is not allowed from this address") from None
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if not any(addr in net for net in app.allow_from):
+        raise Forbidden(f"app '{caller.name}' is not allowed from {addr}")

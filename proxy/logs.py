@@ -1,0 +1,134 @@
+"""Logging for the daemon: one access line per request, and a redaction layer.
+
+Secrets are kept out of logs twice over: they travel as `Secret` objects that
+print as `***`, and every formatted line (tracebacks included) passes through
+`Redactor`, which masks each secret value the process has loaded plus anything
+shaped like a bearer credential or an app token. A log line must never carry a
+secret, whatever a caller passes to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+MASK = "[REDACTED]"
+# Shapes that are credentials whatever their value: bearer/basic values, app tokens,
+# and common key=value spellings of secrets in URLs or bodies.
+_PATTERNS = (
+    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"cpx_[A-Za-z0-9_-]{8,}"),
+    re.compile(
+        r"(?i)\b(access_token|refresh_token|client_secret|api_key|apikey|password|code_verifier)"
+        r"(\"?\s*[:=]\s*\"?)[^\s\"&,}]+"
+    ),
+)
+
+
+class Redactor:
+    """Masks every registered secret value and every credential-shaped string."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str) -> None:
+        # Very short values would mask ordinary words; such "secrets" are refused
+        # at the store, so a floor of 6 characters loses nothing.
+        if len(value) < 6 or value in self._values:
+            return
+        with self._lock:
+            self._values.add(value)
+            self._pattern = None
+
+    def add_many(self, values: Iterable[str]) -> None:
+        for value in values:
+            self.add(value)
+
+    def _compiled(self) -> re.Pattern[str] | None:
+        pattern = self._pattern
+        if pattern is None and self._values:
+            with self._lock:
+                ordered = sorted(self._values, key=len, reverse=True)
+                pattern = re.compile("|".join(re.escape(v) for v in ordered))
+                self._pattern = pattern
+        return pattern
+
+    def __call__(self, text: str) -> str:
+        pattern = self._compiled()
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        text = _PATTERNS[0].sub(lambda m: f"{m.group(1)} {MASK}", text)
+        text = _PATTERNS[1].sub("cpx_" + MASK, text)
+        return _PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+
+
+redactor = Redactor()
+
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-23T15:09:42Z info credproxy: message key=value …`, redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = f"{ts}Z {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        extras = _extras(record)
+        if extras and not record.name.endswith(".access"):
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return redactor(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, redacted after serialisation."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(_extras(record))
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc"] = self.formatException(record.exc_info)
+        return redactor(json.dumps(doc, default=str))
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Route every logger (ours and aiohttp's) through one redacting handler."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log duplicates ours and logs raw request lines.
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def query_keys(query_string: str) -> str:
+    """A query string with its values dropped: `a=1&b=2` -> `a&b` (values may be secret)."""
+    if not query_string:
+        return ""
+    keys = [part.split("=", 1)[0] for part in query_string.split("&") if part]
+    return "?" + "&".join(keys)

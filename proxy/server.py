@@ -1,0 +1,308 @@
+"""Builds the listeners and owns the daemon's lifecycle.
+
+`Daemon` holds the current config snapshot, the store, the upstream client pool
+and the listeners; it starts them, swaps snapshots on reload, and drains on
+shutdown. Malformed HTTP is answered here, before any handler runs, with the
+same JSON envelope as every other credproxy error and without echoing the bytes
+that were sent (they may hold a token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .config import Config, ConfigError, ListenAddress, load_config
+from .errors import BadRequest, ProxyError, RequestTooLarge, render
+from .forward import UpstreamClients
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .route import MAIN
+from .runtime import Snapshot
+from .store import Store
+from .vault import Vault
+
+log = logging.getLogger("credproxy")
+
+
+class StartupError(Exception):
+    """A start-up failure the user can fix; its message says how."""
+
+
+class _ProxyRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with credproxy's answers to malformed requests."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        error: ProxyError
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1] if len(exc.args) > 1 else None
+            if limit == getattr(self._manager, "max_line_size", None):
+                error = RequestTooLarge("request line too long", status=414)
+            else:
+                error = RequestTooLarge("request header too large", status=431)
+        elif isinstance(exc, BadHttpMessage):
+            error = BadRequest("malformed HTTP request")
+        else:
+            error = ProxyError("internal error")
+        log.warning(
+            "refused request from %s: %s (%s)",
+            getattr(request, "remote", "?"),
+            error.message,
+            type(exc).__name__ if exc else status,
+        )
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        resp = render(error)
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        name = type(exc).__name__ if isinstance(exc, BaseException) else "error"
+        log.error("connection handler error: %s", name)
+
+
+class _ProxyServer(web.Server):
+    def __init__(self, handler: Any, *, max_line_size: int, max_field_size: int) -> None:
+        super().__init__(
+            handler,
+            max_line_size=max_line_size,
+            max_field_size=max_field_size,
+            max_headers=100,
+            auto_decompress=False,
+            access_log=None,
+            keepalive_timeout=75,
+        )
+        self.max_line_size = max_line_size
+
+    def __call__(self) -> RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+@dataclass
+class Listener:
+    address: ListenAddress
+    mode: str
+    runner: web.BaseRunner
+
+
+def _bind_error(address: ListenAddress, exc: OSError) -> StartupError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "the address is already in use (another credproxy, or another program)"
+        fix = "stop it or change the address in the config"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+        fix = "use a port above 1023 or a path you can write"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "this machine has no such address"
+        fix = "use 127.0.0.1 or an address of this machine"
+    else:
+        why = exc.strerror or str(exc)
+        fix = "check the address in the config"
+    return StartupError(f"cannot listen on {address}: {why}; {fix}")
+
+
+async def start_site(
+    address: ListenAddress,
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | web.Application,
+    *,
+    max_line_size: int = 8190,
+    max_field_size: int = 8190,
+) -> web.BaseRunner:
+    """Open one listener; raise StartupError with the cause and fix if it cannot bind."""
+    runner: web.BaseRunner
+    if isinstance(handler, web.Application):
+        runner = web.AppRunner(handler, access_log=None, handle_signals=False)
+    else:
+        server = _ProxyServer(handler, max_line_size=max_line_size, max_field_size=max_field_size)
+        runner = web.ServerRunner(server, handle_signals=False)
+    await runner.setup()
+    site: web.BaseSite
+    try:
+        if address.kind == "unix":
+            assert address.path is not None
+            path = Path(address.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                path.unlink()  # a stale socket from a previous run
+            site = web.UnixSite(runner, str(path))
+            await site.start()
+            os.chmod(path, 0o660)
+        else:
+            site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+            await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _bind_error(address, exc) from None
+    return runner
+
+
+def listen_plan(config: Config) -> dict[str, tuple[ListenAddress, str]]:
+    """Every proxy listener the config asks for: key -> (address, mode)."""
+    plan = {str(a): (a, MAIN) for a in config.listen}
+    for name, upstream in config.upstreams.items():
+        if upstream.listen is not None:
+            plan[str(upstream.listen)] = (upstream.listen, name)
+    return plan
+
+
+class Daemon:
+    """The running credproxy: snapshot, store, upstream pool, listeners."""
+
+    def __init__(self, config: Config, store: Store, *, config_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self.snapshot = Snapshot.build(config, 1)
+        self.store = store
+        self.vault = Vault(store)
+        self.clients = UpstreamClients()
+        self.metrics = Metrics()
+        self.pid = os.getpid()
+        self.pipeline = Pipeline(
+            lambda: self.snapshot, lambda: self.vault, self.clients, self.metrics
+        )
+        self.listeners: dict[str, Listener] = {}
+        self.started_at = time.time()
+        self.last_reload: dict[str, Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.admin_runner: web.BaseRunner | None = None
+
+    # ---- listeners -------------------------------------------------------------
+    async def _open(self, key: str, address: ListenAddress, mode: str) -> None:
+        limits = self.snapshot.config.limits
+
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.pipeline.handle(request, self.listeners[key].mode)
+
+        runner = await start_site(
+            address,
+            handler,
+            max_line_size=limits.max_header_bytes,
+            max_field_size=limits.max_header_bytes + 1,
+        )
+        self.listeners[key] = Listener(address, mode, runner)
+        where = f"upstream {mode}" if mode else "all upstreams"
+        log.info("listening on %s (%s)", address, where)
+
+    async def _sync_listeners(self) -> None:
+        plan = listen_plan(self.snapshot.config)
+        for key in [k for k in self.listeners if k not in plan]:
+            listener = self.listeners.pop(key)
+            await listener.runner.cleanup()
+            log.info("closed listener %s", key)
+        for key, (address, mode) in plan.items():
+            if key in self.listeners:
+                self.listeners[key].mode = mode
+            else:
+                await self._open(key, address, mode)
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        from .admin import admin_app
+
+        try:
+            await self._sync_listeners()
+            admin = self.snapshot.config.admin_listen
+            self.admin_runner = await start_site(admin, admin_app(self))
+            log.info("admin listener on %s", admin)
+        except BaseException:
+            await self.close()
+            raise
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.vault.follow()))
+
+    async def reload(self, reason: str) -> bool:
+        """Load, validate and swap in the config file; keep the old one on any error."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            at = time.time()
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+                new = Snapshot.build(config, self.snapshot.version + 1)
+                old = self.snapshot
+                self.snapshot = new
+                try:
+                    await self._sync_listeners()
+                except StartupError:
+                    self.snapshot = old
+                    await self._sync_listeners()
+                    raise
+                self.clients.sync(config.upstreams)
+            except (ConfigError, StartupError) as exc:
+                message = str(exc).replace("\n", "; ")
+                self.last_reload = {"ok": False, "at": at, "error": message, "reason": reason}
+                log.error(
+                    "config reload (%s) failed, old config stays in force: %s", reason, message
+                )
+                self.metrics.config_reloads.labels("failed").inc()
+                return False
+            self.metrics.config_reloads.labels("ok").inc()
+            self.last_reload = {"ok": True, "at": at, "error": None, "reason": reason}
+            log.info("config reloaded (%s): version %d", reason, self.snapshot.version)
+            return True
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, grace: float = 30.0) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: loop.create_task(self.reload("SIGHUP")),
+        )
+        try:
+            await self._stopping.wait()
+            log.info("shutting down: draining requests in flight (up to %.0fs)", grace)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.close(grace=grace)
+
+    async def close(self, grace: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        listeners = list(self.listeners.values())
+        self.listeners.clear()
+        for listener in listeners:
+            listener.runner._shutdown_timeout = grace
+        await asyncio.gather(*(lst.runner.cleanup() for lst in listeners), return_exceptions=True)
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+            self.admin_runner = None
+        await self.clients.close()
+        try:
+            self.vault.flush_usage()
+        except Exception:
+            log.warning("could not record last-used times in the store")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
