@@ -88,12 +88,17 @@ def identify(
 
 
 def _check_source(caller: Caller, remote: str | None, peer_uid: int | None) -> None:
+    """`peer_uid` is set exactly when the request came over a unix socket."""
     app = caller.app
-    if app.peer_uid is not None and peer_uid is not None and peer_uid != app.peer_uid:
-        raise Forbidden(f"app '{caller.name}' is not allowed from uid {peer_uid}")
-    if not app.allow_from or remote is None or remote.startswith("/") or remote == "":
+    if app.peer_uid is not None and peer_uid != app.peer_uid:
+        # An app bound to a uid is reachable only over a unix socket, from that uid.
+        where = "over TCP" if peer_uid is None else f"from uid {peer_uid}"
+        raise Forbidden(f"app '{caller.name}' is not allowed {where}")
+    if peer_uid is not None or not app.allow_from:
         # Unix-socket peers have no address; they are bound by peer uid instead.
         return
+    if not remote:
+        raise Forbidden(f"app '{caller.name}' is not allowed from an unknown address")
     try:
         addr = ip_address(remote.split("%", 1)[0])
     except ValueError:

@@ -11,6 +11,8 @@ the JSON envelope. Exactly one access line is written per request.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +67,17 @@ class Exchange:
     credential: str | None = None
 
 
+def peer_uid(request: web.BaseRequest) -> int | None:
+    """The uid of the process at the other end of a unix socket; None over TCP."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
 class Pipeline:
     """Runs the stages for each request against the current snapshot."""
 
@@ -105,7 +118,7 @@ class Pipeline:
 
         vault = self._vault()
         tokens = {**vault.app_tokens(), **snap.config_tokens}
-        caller = identify(request.headers, request.remote, config.apps, tokens)
+        caller = identify(request.headers, request.remote, config.apps, tokens, peer_uid(request))
         ex.app = caller.name
 
         target = resolve(request.raw_path, mode, config.upstreams, snap.hosts)

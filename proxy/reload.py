@@ -19,7 +19,8 @@ from watchfiles import awatch
 log = logging.getLogger("credproxy.reload")
 
 
-def _fingerprint(path: Path) -> str | None:
+def fingerprint(path: Path) -> str | None:
+    """A digest of the bytes behind `path` (through symlinks); None if unreadable."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
@@ -27,15 +28,33 @@ def _fingerprint(path: Path) -> str | None:
 
 
 async def follow_config(
-    path: Path, reload: Callable[[str], Awaitable[bool]], *, debounce_ms: int = 150
+    path: Path,
+    reload: Callable[[str], Awaitable[bool]],
+    *,
+    loaded: str | None = None,
+    debounce_ms: int = 150,
+    recheck_ms: int = 5000,
 ) -> None:
-    """Call `reload` whenever the bytes behind `path` change (for the daemon's lifetime)."""
-    directory = path.parent
-    last = _fingerprint(path)
+    """Call `reload` whenever the bytes behind `path` differ from the version last seen.
+
+    `loaded` is the digest of the version the daemon started with, so a change made
+    between loading and watching is not missed. Events are the fast path; a quiet
+    re-check every `recheck_ms` covers file systems whose events go missing.
+    """
+    last = loaded if loaded is not None else fingerprint(path)
+    current = fingerprint(path)
+    if current is not None and current != last:
+        last = current
+        await reload("file changed")
     async for _changes in awatch(
-        directory, debounce=debounce_ms, step=50, recursive=False, force_polling=False
+        path.parent,
+        debounce=debounce_ms,
+        step=50,
+        recursive=False,
+        rust_timeout=recheck_ms,
+        yield_on_timeout=True,
     ):
-        current = await asyncio.to_thread(_fingerprint, path)
+        current = await asyncio.to_thread(fingerprint, path)
         if current is None or current == last:
             continue
         last = current

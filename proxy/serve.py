@@ -20,7 +20,7 @@ import yaml
 from .config import Config, ConfigError, credential_warnings, default_config_path, load_config
 from .identify import new_app_token, token_hash
 from .masterkey import create_key_file, resolve_master_key
-from .reload import follow_config
+from .reload import fingerprint, follow_config
 from .secret import Secret
 from .server import Daemon, StartupError
 from .store import Store, StoreError
@@ -45,7 +45,9 @@ def open_store_for_daemon(config: Config) -> Store:
     return store
 
 
-async def run_daemon(config: Config, store: Store, config_path: Path | None) -> None:
+async def run_daemon(
+    config: Config, store: Store, config_path: Path | None, loaded: str | None = None
+) -> None:
     daemon = Daemon(config, store, config_path=config_path)
     await daemon.start()
     watcher = None
@@ -67,13 +69,14 @@ def serve(config_path: Path | None, *, sandbox: bool = False) -> int:
             asyncio.run(_serve_sandbox(config_path))
             return 0
         path = config_path or default_config_path(os.environ)
+        loaded = fingerprint(path)
         config = load_config(path)
         store = open_store_for_daemon(config)
         try:
             names = {i.name for i in store.info()}
             for problem in credential_warnings(config, names):
                 log.warning("config: %s", problem)
-            asyncio.run(run_daemon(config, store, path))
+            asyncio.run(run_daemon(config, store, path, loaded))
         finally:
             store.close()
     except (StartupError, ServeError) as exc:
@@ -148,6 +151,7 @@ async def _serve_sandbox(config_path: Path | None) -> None:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp_cfg, config_path)
+        loaded = fingerprint(config_path)
         try:
             config = load_config(config_path)
         except ConfigError as exc:
@@ -169,7 +173,7 @@ async def _serve_sandbox(config_path: Path | None) -> None:
             store.add_app_token(SANDBOX_APP, token_hash(token))
             store.lock_for_daemon()
             _print_welcome(config, config_path, sandbox.base_url, token)
-            await run_daemon(config, store, config_path)
+            await run_daemon(config, store, config_path, loaded)
         finally:
             store.close()
     if tmp is not None:

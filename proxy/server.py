@@ -183,6 +183,8 @@ class Daemon:
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self._last_failure: str | None = None
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.admin_runner: web.BaseRunner | None = None
@@ -208,8 +210,11 @@ class Daemon:
         plan = listen_plan(self.snapshot.config)
         for key in [k for k in self.listeners if k not in plan]:
             listener = self.listeners.pop(key)
-            await listener.runner.cleanup()
-            log.info("closed listener %s", key)
+            # Stop accepting now; requests in flight on it finish in the background.
+            task = asyncio.get_running_loop().create_task(listener.runner.cleanup())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            log.info("closing listener %s (requests in flight finish first)", key)
         for key, (address, mode) in plan.items():
             if key in self.listeners:
                 self.listeners[key].mode = mode
@@ -252,12 +257,19 @@ class Daemon:
             except (ConfigError, StartupError) as exc:
                 message = str(exc).replace("\n", "; ")
                 self.last_reload = {"ok": False, "at": at, "error": message, "reason": reason}
-                log.error(
-                    "config reload (%s) failed, old config stays in force: %s", reason, message
+                # Logged once per broken version, however often it is retried.
+                level = logging.DEBUG if message == self._last_failure else logging.ERROR
+                self._last_failure = message
+                log.log(
+                    level,
+                    "config reload (%s) failed, old config stays in force: %s",
+                    reason,
+                    message,
                 )
                 self.metrics.config_reloads.labels("failed").inc()
                 return False
             self.metrics.config_reloads.labels("ok").inc()
+            self._last_failure = None
             self.last_reload = {"ok": True, "at": at, "error": None, "reason": reason}
             log.info("config reloaded (%s): version %d", reason, self.snapshot.version)
             return True
@@ -291,7 +303,9 @@ class Daemon:
         self.listeners.clear()
         for listener in listeners:
             listener.runner._shutdown_timeout = grace
-        await asyncio.gather(*(lst.runner.cleanup() for lst in listeners), return_exceptions=True)
+        await asyncio.gather(
+            *(lst.runner.cleanup() for lst in listeners), *self._closing, return_exceptions=True
+        )
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None

@@ -6,6 +6,7 @@ trustme, so the daemon verifies upstreams exactly as it would in production.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import ssl
@@ -27,6 +28,7 @@ from aiohttp import web
 from proxy.config import parse_config
 from proxy.identify import new_app_token, token_hash
 from proxy.masterkey import create_key_file, load_key_file
+from proxy.reload import fingerprint, follow_config
 from proxy.secret import Secret
 from proxy.server import Daemon, free_port
 from proxy.store import Store
@@ -128,6 +130,7 @@ async def start_daemon(tmp_path: Path, key_env: Path) -> AsyncIterator[Callable[
     `secrets` maps name -> value; every app in the config gets a stored token.
     """
     started: list[RunningDaemon] = []
+    watchers: list[asyncio.Task[None]] = []
 
     async def start(
         doc: dict[str, Any], secrets: dict[str, str] | None = None, watch: bool = False
@@ -138,6 +141,7 @@ async def start_daemon(tmp_path: Path, key_env: Path) -> AsyncIterator[Callable[
         doc.setdefault("admin_listen", f"127.0.0.1:{admin}")
         doc.setdefault("store", str(tmp_path / "data" / "store.db"))
         path = write_config(tmp_path / "config.yaml", doc)
+        loaded = fingerprint(path)
         config = parse_config(path.read_text(), source=str(path), base_dir=tmp_path)
         master = load_key_file(key_env)
         store_path = Path(doc["store"])
@@ -155,6 +159,8 @@ async def start_daemon(tmp_path: Path, key_env: Path) -> AsyncIterator[Callable[
             tokens[app] = token
         daemon = Daemon(config, store, config_path=path)
         await daemon.start()
+        if watch:
+            watchers.append(asyncio.create_task(follow_config(path, daemon.reload, loaded=loaded)))
         listen = str(config.listen[0])
         running = RunningDaemon(
             daemon, store, f"http://{listen}", f"http://{config.admin_listen}", path, tokens
@@ -163,6 +169,9 @@ async def start_daemon(tmp_path: Path, key_env: Path) -> AsyncIterator[Callable[
         return running
 
     yield start
+    for task in watchers:
+        task.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
     for running in started:
         await running.daemon.close()
         running.store.close()
