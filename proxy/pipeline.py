@@ -37,6 +37,8 @@ from .forward import (
     start_response,
     stream_body,
 )
+from .config import ListenAddress
+from .guard import check_request
 from .identify import identify
 from .logs import query_keys
 from .metrics import Metrics
@@ -93,11 +95,13 @@ class Pipeline:
         self.clients = clients
         self.metrics = metrics
 
-    async def handle(self, request: web.BaseRequest, mode: str) -> web.StreamResponse:
+    async def handle(
+        self, request: web.BaseRequest, mode: str, address: ListenAddress | None = None
+    ) -> web.StreamResponse:
         started = time.perf_counter()
         ex = Exchange(method=request.method)
         try:
-            response = await self._run(request, mode, ex)
+            response = await self._run(request, mode, address, ex)
         except ProxyError as err:
             ex.error = err.code
             response = render(err)
@@ -105,7 +109,13 @@ class Pipeline:
         self._log(ex, started)
         return response
 
-    async def _run(self, request: web.BaseRequest, mode: str, ex: Exchange) -> web.StreamResponse:
+    async def _run(
+        self,
+        request: web.BaseRequest,
+        mode: str,
+        address: ListenAddress | None,
+        ex: Exchange,
+    ) -> web.StreamResponse:
         snap = self._snapshot()
         config = snap.config
         method = request.method
@@ -115,6 +125,8 @@ class Pipeline:
             )
         if method in _NEVER:
             raise MethodNotAllowed(f"{method} is not allowed")
+
+        check_request(request.headers, request.raw_path, address)
 
         vault = self._vault()
         tokens = {**vault.app_tokens(), **snap.config_tokens}
@@ -132,6 +144,9 @@ class Pipeline:
         ex.credential = cred_name
 
         body = self._body(request, config.limits.max_body_bytes)
+        if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
+            # Only now, with the app identified and authorised, ask it for the body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         auth = target.upstream.auth_header
         headers = request_headers(request.headers, auth.name, auth.prefix + secret.reveal())
         with self.clients.lease(target.upstream_name, target.upstream) as session:

@@ -194,7 +194,8 @@ class Daemon:
         limits = self.snapshot.config.limits
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
-            return await self.pipeline.handle(request, self.listeners[key].mode)
+            listener = self.listeners[key]
+            return await self.pipeline.handle(request, listener.mode, listener.address)
 
         runner = await start_site(
             address,

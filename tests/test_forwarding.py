@@ -321,3 +321,23 @@ async def test_key_added_while_running_is_used(
                 break
         await asyncio.sleep(0.1)
     assert status == 200
+
+
+async def test_expect_100_continue(tls_upstream, start_daemon, ca_file):
+    """A client that waits for 100 Continue gets it once authorised, and its body goes through."""
+    _, d = await _setup(tls_upstream, start_daemon, ca_file)
+    host, port = d.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer {d.tokens['app']}\r\nContent-Length: 5\r\n"
+        "Expect: 100-continue\r\n\r\n".encode()
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
