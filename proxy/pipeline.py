@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from .authorize import authorize, required_scope
+from .config import ListenAddress
 from .errors import (
     BadRequest,
     CredentialUnavailable,
@@ -37,7 +38,6 @@ from .forward import (
     start_response,
     stream_body,
 )
-from .config import ListenAddress
 from .guard import check_request
 from .identify import identify
 from .logs import query_keys
