@@ -42,8 +42,47 @@ class StartupError(Exception):
     """A start-up failure the user can fix; its message says how."""
 
 
+HEAD_TIMEOUT = 10.0  # seconds a client may take to send a request line and headers
+MAX_CONNECTIONS = 1024  # open client connections per listener; more are closed at once
+
+
 class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, with credproxy's answers to malformed requests."""
+    """aiohttp's connection handler, with credproxy's answers to malformed requests.
+
+    It also bounds how long a request head may take to arrive (slowloris) and how
+    many connections a listener holds, so slow or numerous clients cannot starve
+    the others.
+    """
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if manager is not None and len(manager.connections) > MAX_CONNECTIONS:
+            log.warning("connection limit (%d) reached; closing a new connection", MAX_CONNECTIONS)
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        if data and self._head_timer is None and not self._request_in_progress:
+            self._head_timer = self._loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
+        super().data_received(data)
+        if self._request_count != before and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport is not None:
+            log.warning("closed a connection whose request head took over %.0fs", HEAD_TIMEOUT)
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
