@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .hardening import process_state
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     return {
         "version": __version__,
         "pid": daemon.pid,
+        "process": process_state(),
         "started_at": daemon.started_at,
         "config": {
             "path": str(daemon.config_path) if daemon.config_path else None,

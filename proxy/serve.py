@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, credential_warnings, default_config_path, load_config
+from .hardening import file_mode_problems, harden_process
 from .identify import new_app_token, token_hash
 from .masterkey import create_key_file, resolve_master_key
 from .reload import fingerprint, follow_config
@@ -35,6 +36,9 @@ class ServeError(Exception):
 def open_store_for_daemon(config: Config) -> Store:
     if not config.store.exists():
         raise ServeError(f"no store at {config.store}: run `credproxy init` first")
+    problems = file_mode_problems(config.source, config.store)
+    if problems:
+        raise ServeError("; ".join(problems))
     master = resolve_master_key(os.environ, kdf_params=Store.read_kdf_params(config.store))
     store = Store.open(config.store, master)
     try:
@@ -64,6 +68,7 @@ async def run_daemon(
 
 
 def serve(config_path: Path | None, *, sandbox: bool = False) -> int:
+    harden_process()
     try:
         if sandbox:
             asyncio.run(_serve_sandbox(config_path))

@@ -339,3 +339,42 @@ def test_store_file_modes_survive_sqlite(home: Path, env: dict[str, str]) -> Non
     raw = (data / "store.db").read_bytes()
     assert b"value-123456" not in raw
     sqlite3.connect(data / "store.db").close()
+
+
+def test_serve_refuses_loose_file_modes(home: Path, env: dict[str, str]) -> None:
+    """A group-writable config or a store readable by others stops `serve` with the chmod that fixes it."""
+    _init(env)
+    cfg = _config(home)
+    store = home / ".local" / "share" / "credproxy" / "store.db"
+    os.chmod(cfg, 0o664)
+    result = run_cli("serve", env=env, timeout=30)
+    assert result.returncode == 1
+    assert f"chmod go-w {cfg}" in result.stderr
+    os.chmod(cfg, 0o600)
+    os.chmod(store, 0o644)
+    result = run_cli("serve", env=env, timeout=30)
+    assert result.returncode == 1
+    assert f"chmod 600 {store}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_daemon_is_not_dumpable(
+    env: dict[str, str], daemon_procs: list[DaemonProcess], tmp_path: Path
+) -> None:
+    """The running daemon has core dumps off and is marked non-dumpable (reported in /status)."""
+    import json
+    import urllib.request
+
+    _init(env)
+    cfg = _config(Path(env["HOME"]))
+    doc = yaml.safe_load(cfg.read_text())
+    admin = f"127.0.0.1:{free_port()}"
+    doc["listen"] = f"127.0.0.1:{free_port()}"
+    doc["admin_listen"] = admin
+    write_config(cfg, doc)
+    proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
+    daemon_procs.append(proc)
+    proc.wait_ready(f"http://{admin}")
+    with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as resp:  # noqa: S310
+        status = json.load(resp)
+    assert status["process"] == {"dumpable": False, "core_dumps": False}
