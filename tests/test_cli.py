@@ -375,6 +375,6 @@ def test_daemon_is_not_dumpable(
     proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
     daemon_procs.append(proc)
     proc.wait_ready(f"http://{admin}")
-    with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as resp:
         status = json.load(resp)
     assert status["process"] == {"dumpable": False, "core_dumps": False}
