@@ -5,6 +5,16 @@ It serves the seed's API over HTTPS on loopback with a throwaway CA, so `credpro
 """
 
 from proxy.sandbox.app import PLANS, ReceivedRequest, SandboxKey, SandboxState
+from proxy.sandbox.oauth import OAuthClient, SandboxOAuth
 from proxy.sandbox.server import Sandbox, run_sandbox
 
-__all__ = ["PLANS", "ReceivedRequest", "Sandbox", "SandboxKey", "SandboxState", "run_sandbox"]
+__all__ = [
+    "PLANS",
+    "OAuthClient",
+    "ReceivedRequest",
+    "Sandbox",
+    "SandboxKey",
+    "SandboxOAuth",
+    "SandboxState",
+    "run_sandbox",
+]

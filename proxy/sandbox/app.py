@@ -49,6 +49,10 @@ class SandboxKey:
     scopes: frozenset[str]
     plan: str = "standard"
     user_id: str = "user_123"
+    expires_at: float | None = None  # epoch seconds; OAuth access tokens expire, API keys don't
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,13 @@ class SandboxState:
     # keys
 
     def add_key(
-        self, value: str, scopes: Iterable[str], plan: str = "standard", user_id: str = "user_123"
+        self,
+        value: str,
+        scopes: Iterable[str],
+        plan: str = "standard",
+        user_id: str = "user_123",
+        *,
+        expires_at: float | None = None,
     ) -> SandboxKey:
         scope_set = frozenset(scopes)
         unknown = scope_set - SCOPES
@@ -175,10 +185,15 @@ class SandboxState:
         _plan_limits(plan)
         if not value:
             raise ValueError("a sandbox key must not be empty")
-        key = SandboxKey(scopes=scope_set, plan=plan, user_id=user_id)
+        key = SandboxKey(scopes=scope_set, plan=plan, user_id=user_id, expires_at=expires_at)
         self.keys[value] = key
         self._budgets.pop(value, None)
         return key
+
+    def remove_key(self, value: str) -> bool:
+        """Stop accepting `value` (a revoked OAuth grant); False if it was not a key."""
+        self._budgets.pop(value, None)
+        return self.keys.pop(value, None) is not None
 
     # rate limits
 
@@ -472,6 +487,8 @@ async def index(request: web.Request) -> web.Response:
                 "POST /v1/conversations/{id}/messages",
                 "GET /v1/conversations/{id}/stream?events=N&interval=S",
                 "POST /v1/chat/stream?events=N&interval=S",
+                "GET /oauth/authorize (authorization code + PKCE S256)",
+                "POST /oauth/token (authorization_code, refresh_token, client_credentials)",
             ],
         }
     )
@@ -673,7 +690,12 @@ async def sandbox_middleware(request: web.Request, handler: Handler) -> web.Stre
             state.processed.append(record)
             return await _routed(request, handler)
 
-        known = key_value is not None and n_auth == 1 and key_value in state.keys
+        known = (
+            key_value is not None
+            and n_auth == 1
+            and key_value in state.keys
+            and not state.keys[key_value].expired(state.clock())
+        )
         forced = state.take_forced(key_value)
         if forced is not None:
             headers = state.peek(key_value).headers() if known and key_value else {}

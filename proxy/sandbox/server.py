@@ -1,7 +1,8 @@
 """Run the AImyChats sandbox over HTTPS on loopback with a throwaway `trustme` CA.
 
-`Sandbox` starts and stops the server and exposes its URL, CA certificate, keys and test
-hooks (forced 429s, an exhausted hourly budget, the log of received requests);
+`Sandbox` starts and stops the server and exposes its URL, CA certificate, keys, OAuth server
+(`Sandbox.oauth`) and test hooks (forced 429s, an exhausted hourly budget, the log of received
+requests);
 `run_sandbox` is what `credproxy sandbox` runs in the foreground.
 """
 
@@ -28,6 +29,7 @@ from proxy.sandbox.app import (
     SandboxState,
     create_app,
 )
+from proxy.sandbox.oauth import SandboxOAuth
 
 CERT_IDENTITIES = ("127.0.0.1", "::1", "localhost", "api.aimychats.com")
 SHUTDOWN_TIMEOUT = 0.5  # seconds open streams get to finish when the sandbox stops
@@ -49,6 +51,8 @@ class Sandbox:
         self._cert = self._ca.issue_cert(*CERT_IDENTITIES)
         self.ca_pem: bytes = self._ca.cert_pem.bytes()
         self.state = SandboxState()
+        # The OAuth 2.0 server at /oauth/authorize and /oauth/token, with its test hooks.
+        self.oauth = SandboxOAuth(self.state)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -57,9 +61,9 @@ class Sandbox:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("the sandbox is already running")
-        runner = web.AppRunner(
-            create_app(self.state), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
-        )
+        app = create_app(self.state)
+        self.oauth.mount(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
             site = web.TCPSite(
