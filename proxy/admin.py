@@ -36,15 +36,23 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
         config_counts[name] = len(app.token_sha256)
     upstreams: dict[str, Any] = {}
     for name, up in config.upstreams.items():
-        creds = {
+        creds: dict[str, dict[str, Any]] = {
             ref.name: {"state": "ok" if ref.name in stored else "missing", "expires_at": None}
             for ref in up.credentials
         }
+        manager = daemon.oauth.get(name)
+        if manager is not None:
+            creds["oauth"] = {"state": manager.state, "expires_at": manager.expires_at}
+            if manager.state not in ("ok", "refreshing"):
+                creds["oauth"]["error"] = manager.last_error
+        for ref_name, state in creds.items():
+            gate = daemon.gates.credential_state(name, ref_name)
+            if gate is not None:
+                state["rate_limit"] = gate["rate_limit"]
+                state["hold_until"] = gate["hold_until"]
         upstreams[name] = {
             "base_url": up.base_url,
-            "queue": {"depth": 0, "max_size": up.queue.max_size},
-            "hold_until": None,
-            "rate_limit": None,
+            **daemon.gates.upstream_state(name, up),
             "credentials": creds,
         }
     apps = {
@@ -95,7 +103,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[DAEMON].metrics.render()
+    daemon = request.app[DAEMON]
+    daemon.gates.update_metrics()
+    body = daemon.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

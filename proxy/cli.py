@@ -329,6 +329,36 @@ def cmd_apps_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .oauth import OAuthError, login
+
+    config = _load_config(args)
+    upstream = config.upstreams.get(args.upstream)
+    if upstream is None:
+        raise CliError(
+            f"no upstream {args.upstream} in the config (have: {', '.join(config.upstreams)})"
+        )
+    with _open_store(config.store) as store:
+        try:
+            asyncio.run(
+                login(
+                    args.upstream,
+                    upstream,
+                    store,
+                    open_browser=not args.no_browser,
+                    notes=sys.stderr,
+                )
+            )
+        except OAuthError as exc:
+            raise CliError(str(exc)) from None
+    print(
+        f"logged in to {args.upstream}; tokens stored encrypted in {config.store}", file=sys.stderr
+    )
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .statuscmd import show_status
 
@@ -440,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     atoken.add_argument("name")
     atoken.add_argument("--revoke", action="store_true", help="revoke every stored token")
     add("list", "apps, their scopes and token count", cmd_apps_list, asub)
+
+    login = add("login", "OAuth authorization code + PKCE via a loopback redirect", cmd_login)
+    login.add_argument("upstream")
+    login.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="print the authorize URL alone on a line instead of opening a browser",
+    )
 
     status = add("status", "ask the running daemon how it is", cmd_status)
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")

@@ -10,8 +10,8 @@
     ├── RateLimitExceeded          429 rate_limit_exceeded (+ Retry-After)
     ├── QueueFull                  503 queue_full
     ├── CredentialUnavailable      503 credential_unavailable
-    ├── UpstreamUnreachable        502 upstream_unreachable
-    └── UpstreamTimeout            504 upstream_timeout
+    └── UpstreamUnreachable        502 upstream_unreachable (+ whether it reached the server)
+        └── UpstreamTimeout        504 upstream_timeout
 
 Only `render()` turns one into an HTTP response, so every answer credproxy makes
 itself carries the same envelope and the `X-Credproxy-Error` header. Messages
@@ -98,8 +98,13 @@ class CredentialUnavailable(ProxyError):
 class UpstreamUnreachable(ProxyError):
     status, code = 502, "upstream_unreachable"
 
+    def __init__(self, message: str, *, reached: bool = True, transient: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached  # False when the request provably never reached the server
+        self.transient = transient  # False when trying again cannot help (a bad certificate)
 
-class UpstreamTimeout(ProxyError):
+
+class UpstreamTimeout(UpstreamUnreachable):
     status, code = 504, "upstream_timeout"
 
 

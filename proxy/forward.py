@@ -185,21 +185,28 @@ class UpstreamClients:
 
 
 class BodyCounter:
-    """Streams the app's body upstream, refusing it once it passes the limit."""
+    """Streams the app's body upstream (after any bytes already read), refusing it past the limit."""
 
-    def __init__(self, source: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, source: aiohttp.StreamReader, limit: int, prefix: bytes = b"") -> None:
         self.source = source
         self.limit = limit
+        self.prefix = prefix
         self.sent = 0
         self.too_large = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.prefix:
+            self.sent += len(self.prefix)
+            yield self.prefix
         async for chunk in self.source.iter_any():
             self.sent += len(chunk)
             if self.sent > self.limit:
                 self.too_large = True
                 raise RequestTooLarge(f"request body is over {self.limit} bytes")
             yield chunk
+
+
+Body = bytes | BodyCounter | None
 
 
 def _host_of(upstream: UpstreamConfig) -> str:
@@ -212,18 +219,23 @@ async def send(
     url: str | object,
     upstream: UpstreamConfig,
     headers: CIMultiDict[str],
-    body: BodyCounter | None,
+    body: Body,
 ) -> aiohttp.ClientResponse:
-    """Send one attempt upstream; map every client failure to a ProxyError."""
+    """Send one attempt upstream; map every client failure to a ProxyError.
+
+    Failures before the connection was established are marked `reached=False`: the
+    request provably never reached the server, so any method may be tried again.
+    """
     t = upstream.timeouts
     timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
     host = _host_of(upstream)
+    streamed = body if isinstance(body, BodyCounter) else None
     try:
         return await session.request(
             method,
             url,  # type: ignore[arg-type]
             headers=headers,
-            data=body.__aiter__() if body is not None else None,
+            data=streamed.__aiter__() if streamed is not None else body,
             allow_redirects=False,
             timeout=timeout,
             proxy=None,
@@ -235,23 +247,31 @@ async def send(
             exc.certificate_error
         )
         raise UpstreamUnreachable(
-            f"TLS certificate verification failed for {host}: {reason}"
+            f"TLS certificate verification failed for {host}: {reason}",
+            reached=False,
+            transient=False,
         ) from None
     except aiohttp.ClientConnectorSSLError as exc:
-        raise UpstreamUnreachable(f"TLS handshake with {host} failed: {exc.strerror}") from None
+        raise UpstreamUnreachable(
+            f"TLS handshake with {host} failed: {exc.strerror}", reached=False, transient=False
+        ) from None
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnreachable(f"cannot connect to {host}: {exc.strerror}") from None
+        raise UpstreamUnreachable(
+            f"cannot connect to {host}: {exc.strerror}", reached=False
+        ) from None
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(f"connecting to {host} timed out", reached=False) from None
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"{host} did not answer in time") from None
     except aiohttp.ServerDisconnectedError:
-        if body is not None and body.too_large:
-            raise RequestTooLarge(f"request body is over {body.limit} bytes") from None
+        if streamed is not None and streamed.too_large:
+            raise RequestTooLarge(f"request body is over {streamed.limit} bytes") from None
         raise UpstreamUnreachable(f"{host} closed the connection before answering") from None
     except aiohttp.ClientResponseError as exc:
         raise UpstreamUnreachable(f"{host} sent a malformed response ({exc.message})") from None
     except (aiohttp.ClientError, OSError) as exc:
-        if body is not None and body.too_large:
-            raise RequestTooLarge(f"request body is over {body.limit} bytes") from None
+        if streamed is not None and streamed.too_large:
+            raise RequestTooLarge(f"request body is over {streamed.limit} bytes") from None
         raise UpstreamUnreachable(f"request to {host} failed: {type(exc).__name__}") from None
 
 

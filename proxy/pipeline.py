@@ -1,7 +1,8 @@
 """The request pipeline: every proxied request goes through `Pipeline.handle`.
 
-    reject tunnels -> identify (which app?) -> route (which upstream, which path?)
-      -> authorize (may it?) -> credential (least privilege) -> forward -> relay
+    guard (Host, Origin, tunnels) -> identify (which app?) -> route (which upstream,
+      which path?) -> authorize (may it?) -> credential (least privilege)
+      -> gate (pace / queue / hold) -> forward (retry a 429, a 401 once, 5xx) -> relay
 
 The security-critical order is visible here and nowhere else. Any stage may
 answer the request itself by raising a ProxyError; `errors.render` turns it into
@@ -10,27 +11,33 @@ the JSON envelope. Exactly one access line is written per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from .authorize import authorize, required_scope
-from .config import ListenAddress
+from .config import Limits, ListenAddress
 from .errors import (
     BadRequest,
     CredentialUnavailable,
     MethodNotAllowed,
     ProxyError,
     RequestTooLarge,
+    UpstreamUnreachable,
     render,
 )
 from .forward import (
+    Body,
     BodyCounter,
     UpstreamClients,
     request_headers,
@@ -38,10 +45,12 @@ from .forward import (
     start_response,
     stream_body,
 )
+from .gate import Gates
 from .guard import check_request
 from .identify import identify
 from .logs import query_keys
 from .metrics import Metrics
+from .oauth import OAUTH_CREDENTIAL, TokenManager
 from .route import Target, candidates, resolve
 from .runtime import Snapshot
 from .secret import Secret
@@ -67,6 +76,120 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     credential: str | None = None
+    retries: int = 0
+
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+MAX_WAIT_HEADER = "X-Credproxy-Max-Wait"
+_BACKOFF_BASE = 0.2
+_BACKOFF_CAP = 5.0
+
+
+class Credential(Protocol):
+    """What the pipeline needs of a credential: its name and a current value."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def value(self) -> Secret: ...
+
+    async def after_unauthorized(self, used: Secret) -> Secret | None:
+        """A fresh value after the upstream refused `used` with 401, or None if none can be had."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """An API key from the store: its value does not change by itself."""
+
+    name: str
+    secret: Secret
+
+    async def value(self) -> Secret:
+        return self.secret
+
+    async def after_unauthorized(self, used: Secret) -> Secret | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthCredential:
+    """An OAuth access token, kept fresh by the upstream's TokenManager."""
+
+    manager: TokenManager
+    name: str = OAUTH_CREDENTIAL
+
+    async def value(self) -> Secret:
+        return await self.manager.access_token()
+
+    async def after_unauthorized(self, used: Secret) -> Secret | None:
+        return await self.manager.after_unauthorized(used)
+
+
+def _max_wait(request: web.BaseRequest, configured: float) -> float:
+    """The wait budget: the upstream's max_wait, lowered (never raised) by the app's header."""
+    asked = request.headers.get(MAX_WAIT_HEADER)
+    if asked is None:
+        return configured
+    try:
+        value = float(asked)
+    except ValueError:
+        raise BadRequest(f"{MAX_WAIT_HEADER} must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadRequest(f"{MAX_WAIT_HEADER} must be a number of seconds")
+    return min(value, configured)
+
+
+async def _read_body(request: web.BaseRequest, limits: Limits) -> Body:
+    """The app's body: kept whole (so it can be replayed) up to replay_buffer_bytes, else streamed."""
+    length = request.headers.get("Content-Length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequest("invalid Content-Length")
+        if int(length) > limits.max_body_bytes:
+            raise RequestTooLarge(f"request body is over {limits.max_body_bytes} bytes")
+    if not request.body_exists:
+        return None
+    keep = min(limits.replay_buffer_bytes, limits.max_body_bytes)
+    if length is not None and int(length) > keep:
+        return BodyCounter(request.content, limits.max_body_bytes)
+    parts: list[bytes] = []
+    size = 0
+    while size <= keep:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        size += len(chunk)
+    # Larger than the replay buffer: what was read goes first, the rest streams.
+    return BodyCounter(request.content, limits.max_body_bytes, prefix=b"".join(parts))
+
+
+def _may_retry(policy: str, method: str) -> bool:
+    return policy == "always" or (policy == "idempotent" and method in _IDEMPOTENT)
+
+
+async def _backoff(attempt: int, deadline: float) -> bool:
+    """Sleep a capped, jittered exponential delay; False (no sleep) if it would pass the deadline."""
+    delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)  # noqa: S311
+    if time.monotonic() + delay > deadline:
+        return False
+    await asyncio.sleep(delay)
+    return True
+
+
+async def _small_body(resp: aiohttp.ClientResponse, cap: int = 65536) -> bytes:
+    """Up to `cap` bytes of an error body (a 429's retry_after lives there)."""
+    data = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            data += chunk
+            if len(data) >= cap:
+                break
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+    return bytes(data[:cap])
 
 
 def peer_uid(request: web.BaseRequest) -> int | None:
@@ -89,11 +212,15 @@ class Pipeline:
         vault: Callable[[], Vault],
         clients: UpstreamClients,
         metrics: Metrics,
+        gates: Gates,
+        oauth: Callable[[], Mapping[str, TokenManager]] = dict,
     ) -> None:
         self._snapshot = snapshot
         self._vault = vault
         self.clients = clients
         self.metrics = metrics
+        self.gates = gates
+        self._oauth = oauth
 
     async def handle(
         self, request: web.BaseRequest, mode: str, address: ListenAddress | None = None
@@ -140,24 +267,81 @@ class Pipeline:
         needed = required_scope(method, target.path, snap.rules.get(target.upstream_name, ()))
         authorize(caller.name, caller.app, target.upstream_name, needed)
 
-        cred_name, secret = self._credential(vault, target, needed)
-        ex.credential = cred_name
+        credential = self._credential(vault, target, needed)
+        ex.credential = credential.name
+        grant = caller.app.upstreams[target.upstream_name]
+        limiter = self.gates.limiter(target.upstream_name, credential.name, target.upstream)
+        deadline = time.monotonic() + _max_wait(request, target.upstream.queue.max_wait)
 
-        body = self._body(request, config.limits.max_body_bytes)
-        if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
+        if request.body_exists and request.headers.get("Expect", "").lower() == "100-continue":
             # Only now, with the app identified and authorised, ask it for the body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        auth = target.upstream.auth_header
-        headers = request_headers(request.headers, auth.name, auth.prefix + secret.reveal())
+        body = await _read_body(request, config.limits)
+        replayable = not isinstance(body, BodyCounter)
+        retries = target.upstream.retries
+        attempt = 0  # retries spent on 5xx and connection failures
+        after_429 = False
+        refreshed = False
         with self.clients.lease(target.upstream_name, target.upstream) as session:
-            sent_at = time.perf_counter()
-            upstream_resp = await send(
-                session, method, target.url(), target.upstream, headers, body
-            )
-            self.metrics.upstream_seconds.labels(target.upstream_name).observe(
-                time.perf_counter() - sent_at
-            )
-            ex.bytes_in = body.sent if body is not None else 0
+            while True:
+                await limiter.acquire(
+                    caller.name, deadline=deadline, app_limit=grant.rate_limit, retry=after_429
+                )
+                secret = await credential.value()
+                auth = target.upstream.auth_header
+                headers = request_headers(request.headers, auth.name, auth.prefix + secret.reveal())
+                sent_at = time.perf_counter()
+                try:
+                    upstream_resp = await send(
+                        session, method, target.url(), target.upstream, headers, body
+                    )
+                except UpstreamUnreachable as err:
+                    if not err.reached:
+                        limiter.release(caller.name)
+                    if (
+                        replayable
+                        and err.transient
+                        and attempt < retries.max
+                        and (not err.reached or _may_retry(retries.on_5xx, method))
+                        and await _backoff(attempt, deadline)
+                    ):
+                        attempt += 1
+                        ex.retries += 1
+                        continue
+                    raise
+                self.metrics.upstream_seconds.labels(target.upstream_name).observe(
+                    time.perf_counter() - sent_at
+                )
+                status = upstream_resp.status
+                if status == 429 and replayable:
+                    # The server did not process it: hold, then send the same request again.
+                    limiter.observe(status, upstream_resp.headers, await _small_body(upstream_resp))
+                    upstream_resp.release()
+                    after_429 = True
+                    ex.retries += 1
+                    continue
+                limiter.observe(status, upstream_resp.headers)
+                after_429 = False
+                if status == 401 and replayable and not refreshed:
+                    fresh = await credential.after_unauthorized(secret)
+                    if fresh is not None:
+                        upstream_resp.release()
+                        refreshed = True
+                        ex.retries += 1
+                        continue
+                if (
+                    status in _RETRY_STATUSES
+                    and replayable
+                    and attempt < retries.max
+                    and _may_retry(retries.on_5xx, method)
+                    and await _backoff(attempt, deadline)
+                ):
+                    upstream_resp.release()
+                    attempt += 1
+                    ex.retries += 1
+                    continue
+                break
+            ex.bytes_in = len(body) if isinstance(body, bytes) else body.sent if body else 0
             try:
                 response = await start_response(request, upstream_resp)
                 ex.status = response.status
@@ -166,30 +350,23 @@ class Pipeline:
                 upstream_resp.release()
         return response
 
-    @staticmethod
-    def _credential(vault: Vault, target: Target, needed: str) -> tuple[str, Secret]:
-        refs = candidates(target.upstream_name, target.upstream, needed)
+    def _credential(self, vault: Vault, target: Target, needed: str) -> Credential:
+        """The least privileged credential that covers `needed` and can be used now."""
+        manager = self._oauth().get(target.upstream_name)
+        refs = candidates(target.upstream_name, target.upstream, needed, oauth=manager is not None)
         for ref in refs:
+            if ref.name == OAUTH_CREDENTIAL and manager is not None:
+                if manager.state in ("ok", "refreshing") or ref is refs[-1]:
+                    return OAuthCredential(manager)
+                continue
             secret = vault.secret(ref.name)
             if secret is not None:
-                return ref.name, secret
+                return StoredKey(ref.name, secret)
         names = ", ".join(r.name for r in refs)
         raise CredentialUnavailable(
             f"no stored credential for upstream '{target.upstream_name}' covers the "
             f"'{needed}' scope: add one with `credproxy keys add NAME` ({names})"
         )
-
-    @staticmethod
-    def _body(request: web.BaseRequest, limit: int) -> BodyCounter | None:
-        length = request.headers.get("Content-Length")
-        if length is not None:
-            if not length.isdigit():
-                raise BadRequest("invalid Content-Length")
-            if int(length) > limit:
-                raise RequestTooLarge(f"request body is over {limit} bytes")
-        if not request.body_exists:
-            return None
-        return BodyCounter(request.content, limit)
 
     @staticmethod
     async def _stream(
@@ -228,7 +405,8 @@ class Pipeline:
             ms,
             ex.bytes_in,
             ex.bytes_out,
-            f" error={ex.error}" if ex.error else "",
+            (f" retries={ex.retries}" if ex.retries else "")
+            + (f" error={ex.error}" if ex.error else ""),
             extra={
                 "app": ex.app,
                 "upstream": ex.upstream,
@@ -240,5 +418,6 @@ class Pipeline:
                 "bytes_out": ex.bytes_out,
                 "credential": ex.credential,
                 "error": ex.error,
+                "retries": ex.retries,
             },
         )

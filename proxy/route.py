@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from yarl import URL
 
 from .authorize import covers
+from .config import SCOPES as _SCOPES
 from .config import CredentialRef, UpstreamConfig
 from .errors import BadRequest, CredentialUnavailable, Forbidden, UnknownUpstream
 from .paths import normalise_path, within
@@ -97,11 +98,24 @@ def _absolute(raw: str, upstreams: dict[str, UpstreamConfig], hosts: dict[str, s
     return _whole_path(name, upstreams[name], path, query)
 
 
-def candidates(upstream_name: str, upstream: UpstreamConfig, needed: str) -> list[CredentialRef]:
-    """Credentials that cover `needed`, least privileged first (fewest scopes, admin last)."""
-    fitting = [c for c in upstream.credentials if covers(c.scopes, needed)]
+def candidates(
+    upstream_name: str, upstream: UpstreamConfig, needed: str, *, oauth: bool = False
+) -> list[CredentialRef]:
+    """Credentials that cover `needed`, least privileged first (fewest scopes, admin last).
+
+    The upstream's OAuth grant takes part as the credential named `oauth` with the
+    grant's scopes. Scopes outside credproxy's vocabulary (another API's own names)
+    say nothing credproxy can check, so such a grant is taken to cover every request
+    and the upstream decides.
+    """
+    pool = list(upstream.credentials)
+    if oauth and upstream.oauth is not None:
+        known = frozenset(s for s in upstream.oauth.scopes if s in _SCOPES)
+        pool.append(CredentialRef(name="oauth", scopes=known or frozenset({"admin"})))
+    fitting = [c for c in pool if covers(c.scopes, needed)]
     if not fitting:
         raise CredentialUnavailable(
             f"upstream '{upstream_name}' has no credential with the '{needed}' scope"
         )
+    # Stable sort: among equals, API keys (listed first) come before the OAuth grant.
     return sorted(fitting, key=lambda c: ("admin" in c.scopes, len(c.scopes)))

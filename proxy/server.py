@@ -28,7 +28,9 @@ from aiohttp.web_protocol import RequestHandler
 from .config import Config, ConfigError, ListenAddress, load_config
 from .errors import BadRequest, ProxyError, RequestTooLarge, render
 from .forward import UpstreamClients
+from .gate import Gates
 from .metrics import Metrics
+from .oauth import TokenManager
 from .pipeline import Pipeline
 from .route import MAIN
 from .runtime import Snapshot
@@ -124,6 +126,7 @@ class _ProxyServer(web.Server):
     def __init__(self, handler: Any, *, max_line_size: int, max_field_size: int) -> None:
         super().__init__(
             handler,
+            handler_cancellation=True,
             max_line_size=max_line_size,
             max_field_size=max_field_size,
             max_headers=100,
@@ -211,12 +214,19 @@ class Daemon:
         self.config_path = config_path
         self.snapshot = Snapshot.build(config, 1)
         self.store = store
-        self.vault = Vault(store)
+        self.vault = Vault(store, on_change=self._store_changed)
+        self.oauth: dict[str, TokenManager] = {}
         self.clients = UpstreamClients()
         self.metrics = Metrics()
         self.pid = os.getpid()
+        self.gates = Gates(self.metrics)
         self.pipeline = Pipeline(
-            lambda: self.snapshot, lambda: self.vault, self.clients, self.metrics
+            lambda: self.snapshot,
+            lambda: self.vault,
+            self.clients,
+            self.metrics,
+            self.gates,
+            lambda: self.oauth,
         )
         self.listeners: dict[str, Listener] = {}
         self.started_at = time.time()
@@ -261,11 +271,35 @@ class Daemon:
             else:
                 await self._open(key, address, mode)
 
+    # ---- OAuth -----------------------------------------------------------------
+    async def _sync_oauth(self) -> None:
+        """One TokenManager per upstream with an oauth block; kept across reloads."""
+        upstreams = self.snapshot.config.upstreams
+        for name in [
+            n for n in self.oauth if upstreams.get(n) is None or upstreams[n].oauth is None
+        ]:
+            await self.oauth.pop(name).close()
+        for name, upstream in upstreams.items():
+            if upstream.oauth is None:
+                continue
+            manager = self.oauth.get(name)
+            if manager is None:
+                manager = TokenManager(name, upstream, self.store, metrics=self.metrics)
+                self.oauth[name] = manager
+                manager.start()
+            else:
+                manager.update_config(upstream)
+
+    def _store_changed(self) -> None:
+        for manager in self.oauth.values():
+            manager.store_changed()
+
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         from .admin import admin_app
 
         try:
+            await self._sync_oauth()
             await self._sync_listeners()
             admin = self.snapshot.config.admin_listen
             self.admin_runner = await start_site(admin, admin_app(self))
@@ -294,6 +328,8 @@ class Daemon:
                     await self._sync_listeners()
                     raise
                 self.clients.sync(config.upstreams)
+                self.gates.sync(config)
+                await self._sync_oauth()
             except (ConfigError, StartupError) as exc:
                 message = str(exc).replace("\n", "; ")
                 self.last_reload = {"ok": False, "at": at, "error": message, "reason": reason}
@@ -349,6 +385,8 @@ class Daemon:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        await asyncio.gather(*(m.close() for m in self.oauth.values()), return_exceptions=True)
+        self.oauth.clear()
         await self.clients.close()
         try:
             self.vault.flush_usage()

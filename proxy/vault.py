@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from .logs import redactor
 from .secret import Secret
@@ -23,8 +24,9 @@ log = logging.getLogger("credproxy.store")
 class Vault:
     """Cached, change-following access to a Store from the event loop."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_change: Callable[[], None] | None = None) -> None:
         self.store = store
+        self._on_change = on_change
         self._secrets: dict[str, Secret | None] = {}
         self._tokens: dict[str, str] | None = None
         self._generation = store.generation()
@@ -62,6 +64,8 @@ class Vault:
         self._generation = generation
         self._secrets.clear()
         self._tokens = None
+        if self._on_change is not None:
+            self._on_change()
         return True
 
     def flush_usage(self) -> None:
