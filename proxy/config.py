@@ -798,6 +798,8 @@ class Config(BaseModel):
     apps: dict[Name, AppConfig] = {}
     # Shared state between instances; None: everything in-process.
     state: StateConfig | None = None
+    # On SIGTERM, how long requests in flight (streams included) may take to finish.
+    shutdown_grace: Annotated[Duration, Field(ge=0)] = 30.0
     # The file this was loaded from; set by load_config, never read from the YAML.
     source: Path | None = None
 

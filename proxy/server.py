@@ -351,9 +351,15 @@ class Daemon:
             return True
 
     def request_stop(self) -> None:
+        if self._stopping.is_set():
+            # A second signal: the operator does not want to wait for the drain.
+            log.warning("second stop signal: exiting at once")
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(1)
         self._stopping.set()
 
-    async def run(self, *, grace: float = 30.0) -> None:
+    async def run(self, *, grace: float | None = None) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -364,11 +370,16 @@ class Daemon:
         )
         try:
             await self._stopping.wait()
+            if grace is None:
+                grace = self.snapshot.config.shutdown_grace
             log.info("shutting down: draining requests in flight (up to %.0fs)", grace)
+            # The handlers stay while draining, so a second signal can cut it short.
+            await self.close(grace=grace)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.close(grace=grace)
+            if self.listeners or self.admin_runner is not None:
+                await self.close(grace=0)
 
     async def close(self, grace: float = 5.0) -> None:
         for task in self._tasks:

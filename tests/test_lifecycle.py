@@ -1,0 +1,93 @@
+"""Lifecycle: SIGTERM drains requests in flight, a second signal exits at once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.server import free_port
+from tests.conftest import DaemonProcess, cli_env, run_cli, upstream_doc, write_config
+from tests.fakeapi import fake_api
+
+
+async def _daemon(
+    tmp_path: Path, tls_upstream: Any, ca_file: Path, procs: list[DaemonProcess], grace: str = "10s"
+) -> tuple[DaemonProcess, str, dict[str, str]]:
+    upstream = await tls_upstream(fake_api())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(home)
+    assert run_cli("init", env=env).returncode == 0
+    cfg = home / ".config" / "credproxy" / "config.yaml"
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    write_config(
+        cfg,
+        {
+            "listen": listen,
+            "admin_listen": admin,
+            "shutdown_grace": grace,
+            "store": str(home / ".local/share/credproxy/store.db"),
+            "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
+            "apps": {"app": {"upstreams": {"api": {"scopes": ["read"]}}}},
+        },
+    )
+    for name in ("key-read", "key-rw"):
+        run_cli("keys", "add", name, "--stdin", env=env, stdin=f"sk_{name}_lifecycle0")
+    token = run_cli("apps", "token", "app", env=env).stdout.strip()
+    proc = DaemonProcess(["serve"], env, tmp_path / "d.log")
+    procs.append(proc)
+    await asyncio.to_thread(proc.wait_ready, f"http://{admin}")
+    return proc, f"http://{listen}", {"Authorization": f"Bearer {token}"}
+
+
+async def test_sigterm_drains_streams_in_flight(
+    tmp_path, tls_upstream, ca_file, daemon_procs
+) -> None:
+    """A stream in flight at SIGTERM runs to its end; new connections are refused; exit 0."""
+    proc, url, auth = await _daemon(tmp_path, tls_upstream, ca_file, daemon_procs)
+    events = 0
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/api/sse?n=5&interval=0.3", headers=auth) as resp:
+            assert resp.status == 200
+            first = await resp.content.readuntil(b"\n\n")
+            events += 1
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:
+                async with (
+                    aiohttp.ClientSession() as other,
+                    other.get(f"{url}/api/echo", headers=auth),
+                ):
+                    refused = False
+            except aiohttp.ClientConnectionError:
+                refused = True
+            async for chunk in resp.content.iter_any():
+                events += chunk.count(b"\n\n")
+    assert first.startswith(b"data: event 0")
+    assert events == 5
+    assert refused
+    code = await asyncio.to_thread(proc.proc.wait, 10)
+    assert code == 0
+    assert "Traceback" not in proc.log()
+
+
+async def test_second_signal_exits_at_once(tmp_path, tls_upstream, ca_file, daemon_procs) -> None:
+    """While draining a long stream, a second SIGTERM ends the daemon immediately."""
+    proc, url, auth = await _daemon(tmp_path, tls_upstream, ca_file, daemon_procs, grace="60s")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{url}/api/sse?n=100&interval=0.5", headers=auth) as resp:
+            await resp.content.readuntil(b"\n\n")
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert proc.proc.poll() is None  # still draining
+            start = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.proc.wait, 5)
+    assert time.monotonic() - start < 2
+    assert code == 1
+    assert "second stop signal" in proc.log()
