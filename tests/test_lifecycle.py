@@ -51,23 +51,25 @@ async def test_sigterm_drains_streams_in_flight(
     """A stream in flight at SIGTERM runs to its end; new connections are refused; exit 0."""
     proc, url, auth = await _daemon(tmp_path, tls_upstream, ca_file, daemon_procs)
     events = 0
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{url}/api/sse?n=5&interval=0.3", headers=auth) as resp:
-            assert resp.status == 200
-            first = await resp.content.readuntil(b"\n\n")
-            events += 1
-            proc.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            try:
-                async with (
-                    aiohttp.ClientSession() as other,
-                    other.get(f"{url}/api/echo", headers=auth),
-                ):
-                    refused = False
-            except aiohttp.ClientConnectionError:
-                refused = True
-            async for chunk in resp.content.iter_any():
-                events += chunk.count(b"\n\n")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{url}/api/sse?n=5&interval=0.3", headers=auth) as resp,
+    ):
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        events += 1
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        try:
+            async with (
+                aiohttp.ClientSession() as other,
+                other.get(f"{url}/api/echo", headers=auth),
+            ):
+                refused = False
+        except aiohttp.ClientConnectionError:
+            refused = True
+        async for chunk in resp.content.iter_any():
+            events += chunk.count(b"\n\n")
     assert first.startswith(b"data: event 0")
     assert events == 5
     assert refused
@@ -79,15 +81,17 @@ async def test_sigterm_drains_streams_in_flight(
 async def test_second_signal_exits_at_once(tmp_path, tls_upstream, ca_file, daemon_procs) -> None:
     """While draining a long stream, a second SIGTERM ends the daemon immediately."""
     proc, url, auth = await _daemon(tmp_path, tls_upstream, ca_file, daemon_procs, grace="60s")
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{url}/api/sse?n=100&interval=0.5", headers=auth) as resp:
-            await resp.content.readuntil(b"\n\n")
-            proc.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
-            assert proc.proc.poll() is None  # still draining
-            start = time.monotonic()
-            proc.proc.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(proc.proc.wait, 5)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{url}/api/sse?n=100&interval=0.5", headers=auth) as resp,
+    ):
+        await resp.content.readuntil(b"\n\n")
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert proc.proc.poll() is None  # still draining
+        start = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.proc.wait, 5)
     assert time.monotonic() - start < 2
     assert code == 1
     assert "second stop signal" in proc.log()
