@@ -80,6 +80,7 @@ class Exchange:
 
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
+CLIENT_GONE = 499  # logged (never sent) when the app disconnects before its answer
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_WAIT_HEADER = "X-Credproxy-Max-Wait"
 _BACKOFF_BASE = 0.2
@@ -232,6 +233,12 @@ class Pipeline:
         except ProxyError as err:
             ex.error = err.code
             response = render(err)
+        except asyncio.CancelledError:
+            # The app went away (while queued, waiting or streaming): nothing more is sent.
+            ex.status = ex.status or CLIENT_GONE
+            ex.error = ex.error or "client_disconnected"
+            self._log(ex, started)
+            raise
         ex.status = response.status
         self._log(ex, started)
         return response
@@ -323,7 +330,11 @@ class Pipeline:
                 limiter.observe(status, upstream_resp.headers)
                 after_429 = False
                 if status == 401 and replayable and not refreshed:
-                    fresh = await credential.after_unauthorized(secret)
+                    try:
+                        fresh = await credential.after_unauthorized(secret)
+                    except BaseException:
+                        upstream_resp.release()
+                        raise
                     if fresh is not None:
                         upstream_resp.release()
                         refreshed = True
