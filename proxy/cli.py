@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import __version__
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, UpstreamConfig
     from .store import Store
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -65,6 +65,14 @@ def _open_store(path: Path) -> Store:
         os.environ, kdf_params=Store.read_kdf_params(path), prompt=_prompt()
     )
     return Store.open(path, master)
+
+
+def _upstream(config: Config, name: str) -> UpstreamConfig:
+    upstream = config.upstreams.get(name)
+    if upstream is None:
+        have = ", ".join(config.upstreams) or "none"
+        raise CliError(f"no upstream {name} in {config.source} (configured: {have})")
+    return upstream
 
 
 def _store_from_args(args: argparse.Namespace) -> Store:
@@ -233,11 +241,7 @@ def cmd_keys_test(args: argparse.Namespace) -> int:
     import asyncio
 
     config = _load_config(args)
-    upstream = config.upstreams.get(args.upstream)
-    if upstream is None:
-        raise CliError(
-            f"no upstream {args.upstream} in the config (have: {', '.join(config.upstreams)})"
-        )
+    upstream = _upstream(config, args.upstream)
     with _open_store(config.store) as store:
         secret = store.get(args.name)
     if secret is None:
@@ -335,11 +339,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     from .oauth import OAuthError, login
 
     config = _load_config(args)
-    upstream = config.upstreams.get(args.upstream)
-    if upstream is None:
-        raise CliError(
-            f"no upstream {args.upstream} in the config (have: {', '.join(config.upstreams)})"
-        )
+    upstream = _upstream(config, args.upstream)
     with _open_store(config.store) as store:
         try:
             asyncio.run(

@@ -288,3 +288,69 @@ def daemon_procs() -> Iterator[list[DaemonProcess]]:
     yield procs
     for proc in procs:
         proc.stop()
+
+
+# ---- a user's set-up through the CLI, then `credproxy serve` in a child process ------------
+
+
+def user_home(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A fresh HOME with `credproxy init` run in it; returns (home, env)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(home)
+    result = run_cli("init", env=env)
+    assert result.returncode == 0, result.stderr
+    return home, env
+
+
+def user_config_path(env: dict[str, str]) -> Path:
+    return Path(env["HOME"]) / ".config" / "credproxy" / "config.yaml"
+
+
+def free_listeners(cfg: Path, doc: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Rewrite `cfg` (from `doc`, else its own content) with free listen/admin ports."""
+    if doc is None:
+        doc = yaml.safe_load(cfg.read_text())
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    write_config(cfg, {**doc, "listen": listen, "admin_listen": admin})
+    return listen, admin
+
+
+@dataclass
+class UserDaemon:
+    """`credproxy serve` set up the way a user would, running in a child process."""
+
+    proc: DaemonProcess
+    env: dict[str, str]
+    config: Path
+    url: str
+    admin_url: str
+    tokens: dict[str, str]
+
+    def auth(self, app: str = "app") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[app]}"}
+
+
+async def start_user_daemon(
+    tmp_path: Path,
+    procs: list[DaemonProcess],
+    doc: dict[str, Any],
+    secrets: dict[str, str],
+    *,
+    args: tuple[str, ...] = ("serve",),
+) -> UserDaemon:
+    """init, write `doc` (store and free ports filled in), keys add, apps token, serve."""
+    home, env = user_home(tmp_path)
+    cfg = user_config_path(env)
+    doc = {"store": str(home / ".local/share/credproxy/store.db"), **doc}
+    listen, admin = free_listeners(cfg, doc)
+    for name, value in secrets.items():
+        added = run_cli("keys", "add", name, "--stdin", env=env, stdin=value)
+        assert added.returncode == 0, added.stderr
+    tokens = {
+        app: run_cli("apps", "token", app, env=env).stdout.strip() for app in doc.get("apps", {})
+    }
+    proc = DaemonProcess(list(args), env, tmp_path / "daemon.log")
+    procs.append(proc)
+    await asyncio.to_thread(proc.wait_ready, f"http://{admin}")
+    return UserDaemon(proc, env, cfg, f"http://{listen}", f"http://{admin}", tokens)

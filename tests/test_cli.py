@@ -14,7 +14,7 @@ import yaml
 
 from proxy.sandbox import Sandbox
 from proxy.server import free_port
-from tests.conftest import DaemonProcess, cli_env, run_cli, write_config
+from tests.conftest import DaemonProcess, cli_env, free_listeners, run_cli, write_config
 
 TOKEN_RE = re.compile(r"^cpx_[A-Za-z0-9_-]{43,}$")
 
@@ -291,12 +291,7 @@ def test_serve_status_and_clean_stop(
 ) -> None:
     """A running daemon answers `status` with a table; SIGTERM stops it with exit 0."""
     _init(env)
-    cfg = _config(Path(env["HOME"]))
-    doc = yaml.safe_load(cfg.read_text())
-    admin = f"127.0.0.1:{free_port()}"
-    doc["listen"] = f"127.0.0.1:{free_port()}"
-    doc["admin_listen"] = admin
-    write_config(cfg, doc)
+    _listen, admin = free_listeners(_config(Path(env["HOME"])))
     proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
     daemon_procs.append(proc)
     proc.wait_ready(f"http://{admin}")
@@ -314,12 +309,7 @@ def test_store_lock_refuses_second_daemon(
 ) -> None:
     """Two daemons on one store: the second exits 1 with a clear message."""
     _init(env)
-    cfg = _config(Path(env["HOME"]))
-    doc = yaml.safe_load(cfg.read_text())
-    admin = f"127.0.0.1:{free_port()}"
-    doc["listen"] = f"127.0.0.1:{free_port()}"
-    doc["admin_listen"] = admin
-    write_config(cfg, doc)
+    _listen, admin = free_listeners(_config(Path(env["HOME"])))
     proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
     daemon_procs.append(proc)
     proc.wait_ready(f"http://{admin}")
@@ -366,12 +356,7 @@ def test_daemon_is_not_dumpable(
     import urllib.request
 
     _init(env)
-    cfg = _config(Path(env["HOME"]))
-    doc = yaml.safe_load(cfg.read_text())
-    admin = f"127.0.0.1:{free_port()}"
-    doc["listen"] = f"127.0.0.1:{free_port()}"
-    doc["admin_listen"] = admin
-    write_config(cfg, doc)
+    _listen, admin = free_listeners(_config(Path(env["HOME"])))
     proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
     daemon_procs.append(proc)
     proc.wait_ready(f"http://{admin}")

@@ -10,8 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.server import free_port
-from tests.conftest import DaemonProcess, cli_env, run_cli, upstream_doc, write_config
+from tests.conftest import DaemonProcess, start_user_daemon, upstream_doc
 from tests.fakeapi import fake_api
 
 
@@ -19,30 +18,14 @@ async def _daemon(
     tmp_path: Path, tls_upstream: Any, ca_file: Path, procs: list[DaemonProcess], grace: str = "10s"
 ) -> tuple[DaemonProcess, str, dict[str, str]]:
     upstream = await tls_upstream(fake_api())
-    home = tmp_path / "home"
-    home.mkdir()
-    env = cli_env(home)
-    assert run_cli("init", env=env).returncode == 0
-    cfg = home / ".config" / "credproxy" / "config.yaml"
-    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    write_config(
-        cfg,
-        {
-            "listen": listen,
-            "admin_listen": admin,
-            "shutdown_grace": grace,
-            "store": str(home / ".local/share/credproxy/store.db"),
-            "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
-            "apps": {"app": {"upstreams": {"api": {"scopes": ["read"]}}}},
-        },
-    )
-    for name in ("key-read", "key-rw"):
-        run_cli("keys", "add", name, "--stdin", env=env, stdin=f"sk_{name}_lifecycle0")
-    token = run_cli("apps", "token", "app", env=env).stdout.strip()
-    proc = DaemonProcess(["serve"], env, tmp_path / "d.log")
-    procs.append(proc)
-    await asyncio.to_thread(proc.wait_ready, f"http://{admin}")
-    return proc, f"http://{listen}", {"Authorization": f"Bearer {token}"}
+    doc = {
+        "shutdown_grace": grace,
+        "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
+        "apps": {"app": {"upstreams": {"api": {"scopes": ["read"]}}}},
+    }
+    secrets = {name: f"sk_{name}_lifecycle0" for name in ("key-read", "key-rw")}
+    d = await start_user_daemon(tmp_path, procs, doc, secrets)
+    return d.proc, d.url, d.auth()
 
 
 async def test_sigterm_drains_streams_in_flight(

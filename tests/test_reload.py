@@ -13,7 +13,7 @@ import aiohttp
 import yaml
 
 from proxy.server import free_port
-from tests.conftest import DaemonProcess, cli_env, run_cli, upstream_doc, write_config
+from tests.conftest import start_user_daemon, upstream_doc, write_config
 from tests.fakeapi import fake_api
 
 KEYS = {"key-read": "sk_read_0000000000", "key-rw": "sk_rw_1111111111111"}
@@ -190,27 +190,11 @@ async def test_sighup_reloads_a_running_daemon(
 ) -> None:
     """SIGHUP to `credproxy serve` reloads its config; the metrics count the reload."""
     upstream = await tls_upstream(fake_api())
-    home = tmp_path / "home"
-    home.mkdir()
-    env = cli_env(home)
-    assert run_cli("init", env=env).returncode == 0
-    cfg = home / ".config" / "credproxy" / "config.yaml"
-    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    doc = {
-        "listen": listen,
-        "admin_listen": admin,
-        "store": str(home / ".local/share/credproxy/store.db"),
-        **_doc(upstream.url, ca_file, ["read"]),
-    }
-    # the watcher must not be the one to notice: write, then signal at once
-    write_config(cfg, doc)
-    for name, value in KEYS.items():
-        run_cli("keys", "add", name, "--stdin", env=env, stdin=value)
-    token = run_cli("apps", "token", "app", env=env).stdout.strip()
-    proc = DaemonProcess(["serve"], env, tmp_path / "d.log")
-    daemon_procs.append(proc)
-    await asyncio.to_thread(proc.wait_ready, f"http://{admin}")
-    headers = {"Authorization": f"Bearer {token}"}
+    doc = _doc(upstream.url, ca_file, ["read"])
+    d = await start_user_daemon(tmp_path, daemon_procs, doc, KEYS)
+    proc, cfg, headers = d.proc, d.config, d.auth()
+    listen, admin = d.url.removeprefix("http://"), d.admin_url.removeprefix("http://")
+    doc = yaml.safe_load(cfg.read_text())
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://{listen}/api/echo", headers=headers) as resp:
             assert resp.status == 403

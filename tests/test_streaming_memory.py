@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from proxy.server import free_port
-from tests.conftest import DaemonProcess, cli_env, run_cli, upstream_doc, write_config
+from tests.conftest import DaemonProcess, start_user_daemon, upstream_doc
 from tests.fakeapi import fake_api
 
 SIZE = 50 * 1024 * 1024
@@ -31,31 +30,18 @@ async def test_50mb_up_and_down_with_flat_memory(
 ) -> None:
     """RSS of the daemon grows by less than 25 MB while 50 MB go up and 50 MB come down."""
     upstream = await tls_upstream(fake_api())
-    home = tmp_path / "home"
-    home.mkdir()
-    env = cli_env(home)
-    assert run_cli("init", env=env).returncode == 0
-    cfg = home / ".config" / "credproxy" / "config.yaml"
-    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    write_config(
-        cfg,
-        {
-            "listen": listen,
-            "admin_listen": admin,
-            "store": str(home / ".local" / "share" / "credproxy" / "store.db"),
-            "limits": {"max_body_bytes": 200 * 1024 * 1024},
-            "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
-            "apps": {"app": {"upstreams": {"api": {"scopes": ["read", "write"]}}}},
-        },
+    doc = {
+        "limits": {"max_body_bytes": 200 * 1024 * 1024},
+        "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
+        "apps": {"app": {"upstreams": {"api": {"scopes": ["read", "write"]}}}},
+    }
+    secrets = {name: f"sk_{name}_0123456789" for name in ("key-read", "key-rw")}
+    d = await start_user_daemon(
+        tmp_path, daemon_procs, doc, secrets, args=("serve", "--log-level", "warning")
     )
-    for name in ("key-read", "key-rw"):
-        run_cli("keys", "add", name, "--stdin", env=env, stdin=f"sk_{name}_0123456789")
-    token = run_cli("apps", "token", "app", env=env).stdout.strip()
-    proc = DaemonProcess(["serve", "--log-level", "warning"], env, tmp_path / "d.log")
-    daemon_procs.append(proc)
-    await asyncio.to_thread(proc.wait_ready, f"http://{admin}")
-    headers = {"Authorization": f"Bearer {token}"}
-    base = f"http://{listen}/api"
+    proc = d.proc
+    headers = d.auth()
+    base = f"{d.url}/api"
 
     async with aiohttp.ClientSession(trust_env=False) as session:
         async with session.get(f"{base}/big?size=1024", headers=headers) as resp:
