@@ -33,6 +33,20 @@ class Metrics:
         self.queue_depth = Gauge(
             "credproxy_queue_depth", "Requests waiting per upstream.", ("upstream",), registry=r
         )
+        self.queue_wait = Histogram(
+            "credproxy_queue_wait_seconds",
+            "Time a request waited for budget or a hold before being sent.",
+            ("upstream",),
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.retries = Counter(
+            "credproxy_retries",
+            "Requests sent again, by reason: 429 (after the hold), 401 (after a refresh), "
+            "5xx, or connect (never reached the server).",
+            ("upstream", "reason"),
+            registry=r,
+        )
         self.holds = Counter(
             "credproxy_holds",
             "Holds started after a 429 or Remaining 0.",

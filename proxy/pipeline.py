@@ -289,11 +289,15 @@ class Pipeline:
         attempt = 0  # retries spent on 5xx and connection failures
         after_429 = False
         refreshed = False
+        waited = self.metrics.queue_wait.labels(target.upstream_name)
+        retried = self.metrics.retries
         with self.clients.lease(target.upstream_name, target.upstream) as session:
             while True:
+                queued_at = time.monotonic()
                 await limiter.acquire(
                     caller.name, deadline=deadline, app_limit=grant.rate_limit, retry=after_429
                 )
+                waited.observe(time.monotonic() - queued_at)
                 secret = await credential.value()
                 auth = target.upstream.auth_header
                 headers = request_headers(request.headers, auth.name, auth.prefix + secret.reveal())
@@ -314,6 +318,9 @@ class Pipeline:
                     ):
                         attempt += 1
                         ex.retries += 1
+                        retried.labels(
+                            target.upstream_name, "connect" if not err.reached else "5xx"
+                        ).inc()
                         continue
                     raise
                 self.metrics.upstream_seconds.labels(target.upstream_name).observe(
@@ -326,6 +333,7 @@ class Pipeline:
                     upstream_resp.release()
                     after_429 = True
                     ex.retries += 1
+                    retried.labels(target.upstream_name, "429").inc()
                     continue
                 limiter.observe(status, upstream_resp.headers)
                 after_429 = False
@@ -339,6 +347,7 @@ class Pipeline:
                         upstream_resp.release()
                         refreshed = True
                         ex.retries += 1
+                        retried.labels(target.upstream_name, "401").inc()
                         continue
                 if (
                     status in _RETRY_STATUSES
@@ -350,6 +359,7 @@ class Pipeline:
                     upstream_resp.release()
                     attempt += 1
                     ex.retries += 1
+                    retried.labels(target.upstream_name, "5xx").inc()
                     continue
                 break
             ex.bytes_in = len(body) if isinstance(body, bytes) else body.sent if body else 0

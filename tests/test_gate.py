@@ -62,6 +62,11 @@ async def test_429_is_held_and_resent_once(sandbox, start_daemon, tmp_path, clie
     assert 1.8 <= took < 4.0
     posts = [r for r in sandbox.processed if r.method == "POST"]
     assert len(posts) == 1
+    async with client.get(f"{d.admin_url}/metrics") as resp:
+        metrics = await resp.text()
+    assert 'credproxy_retries_total{reason="429",upstream="aimychats"} 1.0' in metrics
+    assert 'credproxy_holds_total{upstream="aimychats"} 1.0' in metrics
+    assert "credproxy_queue_wait_seconds_bucket" in metrics
     async with client.get(f"{d.url}/aimychats/conversations", headers=d.auth("app")) as resp:
         titles = [c["title"] for c in (await resp.json())["data"]]
     assert titles.count("once") == 1

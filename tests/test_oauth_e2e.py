@@ -205,3 +205,26 @@ async def test_cli_login_no_browser(sandbox, tmp_path) -> None:
     assert "aimychats.oauth-refresh" in listed and "oauth_refresh_token" in listed
     for token in sandbox.oauth.issued_tokens():
         assert token not in listed + err
+
+
+async def test_hundred_requests_at_expiry_one_refresh(
+    sandbox, start_daemon, tmp_path, client
+) -> None:
+    """100 concurrent requests arriving as the token expires all succeed on one refresh call."""
+    ca = sandbox.write_ca(tmp_path / "ca.pem")
+    sandbox.oauth.access_token_lifetime = 2.0
+    d = await start_daemon(_oauth_doc(sandbox, ca), {"oauth-client": CLIENT_SECRET})
+    await _login_in_process(sandbox, d)
+    logged_in = time.monotonic()
+    await asyncio.sleep(1.2)  # the daemon picks the login up from the store
+    sandbox.oauth.token_delay = 1.5  # the refresh is still in flight when requests arrive
+    before = sandbox.oauth.token_calls["refresh_token"]
+    await asyncio.sleep(max(0.0, 2.05 - (time.monotonic() - logged_in)))
+
+    async def one() -> int:
+        async with client.get(f"{d.url}/aimychats/auth/test", headers=d.auth("app")) as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(100)))
+    assert statuses == [200] * 100
+    assert sandbox.oauth.token_calls["refresh_token"] == before + 1
