@@ -18,6 +18,7 @@ import random
 import socket
 import struct
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -263,7 +264,7 @@ class Pipeline:
         check_request(request.headers, request.raw_path, address)
 
         vault = self._vault()
-        tokens = {**vault.app_tokens(), **snap.config_tokens}
+        tokens = ChainMap(snap.config_tokens, vault.app_tokens())
         caller = identify(request.headers, request.remote, config.apps, tokens, peer_uid(request))
         ex.app = caller.name
 

@@ -112,6 +112,8 @@ def sandbox_config(base_url: str, ca: Path, store: Path, listen: Any, admin: Any
                 "base_url": base_url,
                 "hosts": ["api.aimychats.com"],
                 "ca_bundle": str(ca),
+                # the sandbox's keys are on the Standard plan: pace to it
+                "rate_limit": {"plan": "standard"},
                 "credentials": [
                     {"name": "aimychats-read", "scopes": ["read"]},
                     {"name": "aimychats-rw", "scopes": ["read", "write", "delete"]},
