@@ -359,6 +359,15 @@ def cmd_login(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .doctor import run_doctor
+
+    path = Path(args.config).expanduser() if args.config else None
+    return asyncio.run(run_doctor(path, os.environ, sys.stdout, prompt=_prompt()))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .statuscmd import show_status
 
@@ -481,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = add("status", "ask the running daemon how it is", cmd_status)
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
+
+    add(
+        "doctor",
+        "check the set-up end to end: config, key, store, listeners, upstreams",
+        cmd_doctor,
+    )
 
     sandbox = add("sandbox", "run the AImyChats-compatible sandbox upstream alone", cmd_sandbox)
     sandbox.add_argument("--host", default="127.0.0.1")

@@ -21,6 +21,7 @@ from .config import Config, ConfigError, credential_warnings, default_config_pat
 from .hardening import file_mode_problems, harden_process
 from .identify import new_app_token, token_hash
 from .masterkey import create_key_file, resolve_master_key
+from .notify import Notifier
 from .reload import fingerprint, follow_config
 from .secret import Secret
 from .server import Daemon, StartupError
@@ -53,17 +54,32 @@ async def run_daemon(
     config: Config, store: Store, config_path: Path | None, loaded: str | None = None
 ) -> None:
     daemon = Daemon(config, store, config_path=config_path)
+    notifier = Notifier.from_env()
+    daemon.notifier = notifier
     await daemon.start()
-    watcher = None
+    loop = asyncio.get_running_loop()
+    tasks = []
     if config_path is not None:
-        watcher = asyncio.get_running_loop().create_task(follow_config(config_path, daemon.reload))
+        tasks.append(loop.create_task(follow_config(config_path, daemon.reload, loaded=loaded)))
+
+    def healthy() -> bool:
+        if not daemon.listeners:
+            return False
+        try:
+            daemon.store.generation()
+        except StoreError:
+            return False
+        return True
+
+    tasks.append(loop.create_task(notifier.watchdog(healthy)))
+    notifier.ready(f"serving on {', '.join(sorted(daemon.listeners))}")
     log.info("credproxy ready (pid %d)", os.getpid())
     try:
         await daemon.run()
     finally:
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     log.info("stopped")
 
 

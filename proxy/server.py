@@ -30,6 +30,7 @@ from .errors import BadRequest, ProxyError, RequestTooLarge, render
 from .forward import UpstreamClients
 from .gate import Gates
 from .metrics import Metrics
+from .notify import Notifier
 from .oauth import TokenManager
 from .pipeline import Pipeline
 from .route import MAIN
@@ -237,6 +238,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.admin_runner: web.BaseRunner | None = None
+        self.notifier = Notifier(None)  # serve() installs one that talks to systemd
 
     # ---- listeners -------------------------------------------------------------
     async def _open(self, key: str, address: ListenAddress, mode: str) -> None:
@@ -314,6 +316,17 @@ class Daemon:
         """Load, validate and swap in the config file; keep the old one on any error."""
         if self.config_path is None:
             return False
+        self.notifier.reloading()
+        ok = False
+        try:
+            ok = await self._reload(reason)
+        finally:
+            failed = "" if ok else "; last reload failed, old config in force"
+            self.notifier.ready(f"config version {self.snapshot.version}{failed}")
+        return ok
+
+    async def _reload(self, reason: str) -> bool:
+        assert self.config_path is not None
         async with self._reload_lock:
             at = time.time()
             try:
@@ -373,6 +386,7 @@ class Daemon:
             if grace is None:
                 grace = self.snapshot.config.shutdown_grace
             log.info("shutting down: draining requests in flight (up to %.0fs)", grace)
+            self.notifier.stopping(grace)
             # The handlers stay while draining, so a second signal can cut it short.
             await self.close(grace=grace)
         finally:
