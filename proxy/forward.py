@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import UpstreamConfig
 from .errors import ProxyError, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
+from .identify import TOKEN_PREFIX
 
 log = logging.getLogger("credproxy.forward")
 
@@ -54,7 +56,15 @@ _STRIP_REQUEST = HOP_BY_HOP | {
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
 }
+# Whole families: credproxy's own fields, and every X-Forwarded-* (host, prefix, scheme, …).
+_STRIP_REQUEST_PREFIXES = ("x-credproxy-", "x-forwarded-")
+# RFC 9110 §5.1 field-name = token
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# An app token in any other field (an SDK's own key header, a cookie) stays on this machine.
+_APP_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{40,}")
 
 
 def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -70,13 +80,14 @@ def request_headers(
     """The headers sent upstream: the app's, cleaned, with exactly one credential.
 
     The credential is added after every removal, so no header the app names in
-    `Connection` (or sends itself) can remove or duplicate it.
+    `Connection` (or sends itself) can remove or duplicate it. A field carrying an app
+    token (`cpx_…`) is never sent on, whatever its name.
     """
     drop = _STRIP_REQUEST | _connection_named(incoming) | {auth_name.lower()}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lname = name.lower()
-        if lname in drop or lname.startswith("x-credproxy-"):
+        if lname in drop or lname.startswith(_STRIP_REQUEST_PREFIXES) or _APP_TOKEN.search(value):
             continue
         out.add(name, value)
     out[auth_name] = auth_value
@@ -84,11 +95,19 @@ def request_headers(
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's headers for the app, minus hop-by-hop ones and any `X-Credproxy-*`.
+
+    `X-Credproxy-Error` marks credproxy's own answers; an upstream must not be able to forge it.
+    A field whose name is not a token (`Content-Length : 5`, which a lenient parser let
+    through) is dropped: relayed, it would sit beside credproxy's own framing.
+    """
     drop = HOP_BY_HOP | _connection_named(upstream) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+        lname = name.lower()
+        if lname in drop or lname.startswith("x-credproxy-") or not _TOKEN.match(name):
+            continue
+        out.add(name, value)
     return out
 
 

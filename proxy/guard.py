@@ -4,7 +4,10 @@ A web page can make a browser send requests to 127.0.0.1, and a rebinding DNS
 name can make it look same-origin. So before anything else, the Host header
 must name this listener (a loopback name and its port on a loopback listener),
 and any request carrying a browser `Origin` is refused: credproxy never answers
-CORS, so no page can read what it returns or spend the keys behind it.
+CORS, so no page can read what it returns or spend the keys behind it. Requests
+a browser sends without an Origin (an <img>, a <script>, a navigation) are told
+apart by their Fetch Metadata: any `Sec-Fetch-Site` but `none` (typed by the
+user) is a page's doing and is refused too. Refusals never echo the Host sent.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def check_request(
             "requests from web pages (with an Origin header) are refused: credproxy "
             "serves local programs, not browsers"
         )
+    if any(v.strip().lower() != "none" for v in headers.getall("Sec-Fetch-Site", [])):
+        raise Forbidden(
+            "requests from web pages (Sec-Fetch-Site) are refused: credproxy "
+            "serves local programs, not browsers"
+        )
     if not raw_target.startswith("/"):
         # Forward-proxy form: the URI names the destination, and the Host header must agree.
         authority = raw_target.partition("://")[2].partition("/")[0].partition("?")[0]
@@ -75,7 +83,7 @@ def check_request(
         return  # a unix socket cannot be reached by a browser
     expected_port = address.port
     if (port or 80) != expected_port:
-        raise Forbidden(f"Host '{hosts[0]}' does not name this listener")
+        raise Forbidden(f"the Host header does not name this listener (port {expected_port})")
     if address.is_loopback() and not is_loopback_name(name):
         # DNS rebinding: a foreign name that resolves to 127.0.0.1.
-        raise Forbidden(f"Host '{name}' is not a loopback name; use 127.0.0.1 or localhost")
+        raise Forbidden("the Host header is not a loopback name; use 127.0.0.1 or localhost")

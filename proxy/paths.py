@@ -3,7 +3,8 @@
 A raw request path is decoded only where decoding cannot change its meaning
 (unreserved characters), dot-segments are resolved and repeated slashes folded.
 Anything that could make two components disagree about the path (an encoded
-slash or backslash, a NUL, a climb above the root) is refused, never repaired.
+slash or backslash, a NUL, a climb above the root, a dot-segment carrying
+";parameters") is refused, never repaired.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def normalise_path(raw: str) -> str:
     parts = decoded.split("/")[1:]
     for index, seg in enumerate(parts):
         last = index == len(parts) - 1
+        if ";" in seg and seg.partition(";")[0] in (".", ".."):
+            # Tomcat, Jetty and Spring drop ";params" first and then read "..;x" as "..".
+            raise BadRequest(
+                "a dot-segment with parameters (like '..;') is not allowed in the path"
+            )
         if seg == "" and not last:
             continue
         if seg == ".":

@@ -92,7 +92,8 @@ def _absolute(raw: str, upstreams: dict[str, UpstreamConfig], hosts: dict[str, s
     name = hosts.get(host.rstrip("."))
     if name is None:
         raise UnknownUpstream(
-            f"host '{host}' is not configured for any upstream (credproxy is not an open proxy)"
+            "the request URI's host is not configured for any upstream "
+            "(credproxy is not an open proxy)"
         )
     path, query = _split("/" + tail if slash else "/")
     return _whole_path(name, upstreams[name], path, query)
