@@ -122,6 +122,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         ENV_PASSPHRASE,
         create_key_file,
         default_key_file,
+        make_private_dirs,
         new_kdf_params,
         resolve_master_key,
     )
@@ -136,7 +137,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise CliError(f"{config_path} exists but is invalid, fix it first:\n{exc}") from None
     else:
-        config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(config_path.parent)
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(STARTER_CONFIG.format(store=store_path))

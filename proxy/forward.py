@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -120,6 +121,26 @@ def make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+class _StrictConnector(aiohttp.TCPConnector):
+    """A connector that never reuses a pooled connection the upstream has spoken on.
+
+    Bytes arriving on an idle keep-alive connection (a late or unsolicited response)
+    would otherwise be handed to the next request on it, perhaps another app's
+    (aiohttp issue #13656). Such a connection is closed instead of reused.
+    """
+
+    async def _get(self, key: Any, traces: list[Any]) -> Any:
+        conns = self._conns.get(key)
+        if conns:
+            for proto, t0 in list(conns):
+                if proto.should_close:
+                    conns.remove((proto, t0))
+                    proto.close()
+            if not conns:
+                del self._conns[key]
+        return await super()._get(key, traces)
+
+
 @dataclass(eq=False)
 class _Pool:
     key: tuple[str, str | None]
@@ -146,7 +167,7 @@ class UpstreamClients:
         return (upstream.origin, str(upstream.ca_bundle) if upstream.ca_bundle else None)
 
     def _new(self, upstream: UpstreamConfig) -> _Pool:
-        connector = aiohttp.TCPConnector(
+        connector = _StrictConnector(
             ssl=make_ssl_context(upstream.ca_bundle),
             limit=self._pool_size,
             limit_per_host=0,
@@ -287,7 +308,11 @@ async def send(
             raise RequestTooLarge(f"request body is over {streamed.limit} bytes") from None
         raise UpstreamUnreachable(f"{host} closed the connection before answering") from None
     except aiohttp.ClientResponseError as exc:
-        raise UpstreamUnreachable(f"{host} sent a malformed response ({exc.message})") from None
+        # aiohttp's message quotes the offending bytes (a header value, body bytes): say only
+        # what kind of answer it was.
+        raise UpstreamUnreachable(
+            f"{host} sent a malformed HTTP response ({type(exc).__name__})"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
         if streamed is not None and streamed.too_large:
             raise RequestTooLarge(f"request body is over {streamed.limit} bytes") from None

@@ -56,6 +56,14 @@ def file_mode_problems(config_path: Path | None, store_path: Path) -> list[str]:
                 f"config {config_path} is writable by other users (mode {mode:o}): "
                 f"run `chmod go-w {shlex.quote(str(config_path))}`"
             )
+        # In a directory others may write, the file can be swapped by a rename.
+        directory = config_path.parent
+        mode = _mode(directory)
+        if mode is not None and mode & 0o022 and not mode & stat.S_ISVTX:
+            problems.append(
+                f"config directory {directory} is writable by other users (mode {mode:o}): "
+                f"run `chmod go-w {shlex.quote(str(directory))}`"
+            )
     mode = _mode(store_path)
     if mode is not None and mode & 0o077:
         problems.append(

@@ -40,12 +40,24 @@ class Redactor:
         self._pattern: re.Pattern[str] | None = None
 
     def add(self, value: str) -> None:
+        """Mask `value` from now on, in every spelling a log line may give it.
+
+        Besides the literal, the escaped forms that `%r`, bytes and `json.dumps` produce
+        (quotes, backslashes, tabs, non-ASCII) are registered too.
+        """
         # Very short values would mask ordinary words; such "secrets" are refused
         # at the store, so a floor of 6 characters loses nothing.
         if len(value) < 6 or value in self._values:
             return
+        spellings = {
+            value,
+            json.dumps(value)[1:-1],
+            json.dumps(value, ensure_ascii=False)[1:-1],
+            repr(value)[1:-1],
+            repr(value.encode())[2:-1],
+        }
         with self._lock:
-            self._values.add(value)
+            self._values.update(s for s in spellings if len(s) >= 6)
             self._pattern = None
 
     def add_many(self, values: Iterable[str]) -> None:
@@ -105,7 +117,9 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            # Redacted before serialising too: inside the JSON string a logged document's
+            # quotes are escaped and its `"key": "value"` pairs would no longer match.
+            "msg": redactor(record.getMessage()),
         }
         doc.update(_extras(record))
         if record.exc_info and record.exc_info[0] is not None:

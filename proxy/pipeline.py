@@ -234,6 +234,16 @@ class Pipeline:
         except ProxyError as err:
             ex.error = err.code
             response = render(err)
+        except Exception as exc:
+            if request.transport is None or (ex.status and ex.bytes_out):
+                raise  # the answer is already under way: only aiohttp can cut it now
+            # A bug of ours: the app gets the bare envelope and the log one line naming the
+            # exception type; neither gets a traceback or the exception's text (it may hold a
+            # header or a token).
+            log.error("internal error on %s %s: %s", ex.method, ex.path, type(exc).__name__)
+            err = ProxyError("internal error")
+            ex.error = err.code
+            response = render(err)
         except asyncio.CancelledError:
             # The app went away (while queued, waiting or streaming): nothing more is sent.
             ex.status = ex.status or CLIENT_GONE

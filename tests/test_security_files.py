@@ -124,13 +124,6 @@ def test_init_writes_every_file_private_from_the_start(
         assert all(m & 0o077 == 0 for m in trace.created[path]), (path, trace.created[path])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/cli.py cmd_init: config_path.parent.mkdir(parents=True, mode=0o700) "
-    "creates missing parents (e.g. ~/.config) with Python's default 0o777 & ~umask, so under a "
-    "permissive umask init leaves a world-writable directory above the config. Fix: "
-    "make_private_dirs(config_path.parent), as the key file and store already use.",
-)
 def test_init_creates_no_loose_directory(
     trace: Trace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,13 +173,6 @@ async def test_loose_config_is_not_reloaded(
     assert d.daemon.snapshot.config.upstreams["api"].base_url == upstream.url + "/v1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/hardening.py file_mode_problems: only the config file's own mode is "
-    "checked, not its directory; in a directory others can write, the file can be replaced "
-    "(rename) by one with any content and a private mode. Fix: also refuse a config whose "
-    "parent directory is group/world-writable (as is done for the store's directory).",
-)
 @pytest.mark.parametrize("mode", [0o777, 0o775])
 def test_config_in_a_loose_directory_is_refused(tmp_path: Path, mode: int) -> None:
     """A 0600 config inside a directory others may write is refused like a loose config."""

@@ -168,17 +168,7 @@ def test_redactor_masks_unregistered_credential_shapes(fmt: logging.Formatter) -
     "fmt",
     [
         pytest.param(TextFormatter(), id="text"),
-        pytest.param(
-            JsonFormatter(),
-            id="json",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="DEFECT proxy/logs.py: JsonFormatter redacts after json.dumps, where a "
-                'logged JSON document\'s "client_secret": "…" no longer matches the '
-                "key=value pattern (the quotes are escaped), so an unregistered secret in a "
-                "JSON body that is logged survives in --log-format json.",
-            ),
-        ),
+        pytest.param(JsonFormatter(), id="json"),
     ],
 )
 def test_redactor_masks_secrets_in_a_logged_json_document(fmt: logging.Formatter) -> None:
@@ -205,14 +195,6 @@ def test_redactor_masks_secrets_in_a_logged_json_document(fmt: logging.Formatter
         "tab\tinside-01234",  # a tab: \t in JSON and repr
     ],
     ids=["quote-backslash", "non-ascii", "tab"],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/logs.py Redactor: it masks only the literal value, but JsonFormatter "
-    "redacts after json.dumps (ensure_ascii) and %r/bytes args escape it, so a secret with a "
-    "quote, backslash, tab or non-ASCII character reaches the log in escaped form. Fix: "
-    "Redactor.add should also register json.dumps(v)[1:-1], repr(v)[1:-1] and "
-    "repr(v.encode())[2:-1].",
 )
 def test_redactor_masks_escaped_spellings(value: str) -> None:
     """A secret the store accepts (quotes, backslash, tab, non-ASCII) is masked in its escaped spellings too."""
@@ -342,12 +324,6 @@ async def test_internal_error_gives_a_bare_500(
     assert status_codes(again) == [200], "the daemon did not recover"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/pipeline.py Pipeline.handle catches only ProxyError: an unexpected "
-    "exception skips _log, so a request answered 500 by the server gets no access line and no "
-    "credproxy_requests_total sample (the module promises exactly one access line per request).",
-)
 async def test_internal_error_is_still_logged_once(
     daemon: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

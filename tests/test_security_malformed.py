@@ -385,15 +385,6 @@ async def test_short_body_is_cut_not_completed(env: Env) -> None:
     assert after.endswith(b"good for /v1/after")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/forward.py UpstreamClients._new (aiohttp TCPConnector): a response the "
-    "upstream pushes on an idle pooled connection is parsed and queued by aiohttp, and the next "
-    "request on that connection — from another app — is answered with it (aiohttp issue "
-    "#13656: connector._get does not re-check protocol.should_close). Fix: a connector whose "
-    "_get drops a pooled protocol that has buffered data / should_close, or close a pooled "
-    "connection on any data received while idle.",
-)
 async def test_unsolicited_response_on_an_idle_connection_is_not_served(env: Env) -> None:
     """A response the upstream sends late, on a connection back in the pool, is never given to the next request."""
     late = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
@@ -406,13 +397,6 @@ async def test_unsolicited_response_on_an_idle_connection_is_not_served(env: Env
     assert after.endswith(b"good for /v1/after")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/forward.py send(): ClientResponseError is mapped to "
-    "f'{host} sent a malformed response ({exc.message})', and aiohttp's message quotes the "
-    "offending upstream bytes (a header line, with its value) into credproxy's own 502 body. "
-    "Fix: say which rule was broken, never quote the bytes.",
-)
 @pytest.mark.parametrize(
     "bad",
     [
