@@ -241,9 +241,9 @@ class Pipeline:
             # exception type; neither gets a traceback or the exception's text (it may hold a
             # header or a token).
             log.error("internal error on %s %s: %s", ex.method, ex.path, type(exc).__name__)
-            err = ProxyError("internal error")
-            ex.error = err.code
-            response = render(err)
+            internal = ProxyError("internal error")
+            ex.error = internal.code
+            response = render(internal)
         except asyncio.CancelledError:
             # The app went away (while queued, waiting or streaming): nothing more is sent.
             ex.status = ex.status or CLIENT_GONE
