@@ -50,6 +50,8 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             if gate is not None:
                 state["rate_limit"] = gate["rate_limit"]
                 state["hold_until"] = gate["hold_until"]
+                if "fleet" in gate:
+                    state["fleet"] = gate["fleet"]  # shared, local (Redis down) or closed
         upstreams[name] = {
             "base_url": up.base_url,
             **daemon.gates.upstream_state(name, up),
@@ -75,6 +77,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
         },
         "store": {"path": str(daemon.store.path), "error": daemon.vault.last_error},
         "listeners": sorted(daemon.listeners),
+        "state": daemon.fleet.status() if daemon.fleet is not None else {"backend": "memory"},
         "upstreams": upstreams,
         "apps": apps,
     }
@@ -93,9 +96,17 @@ async def readyz(request: web.Request) -> web.Response:
         daemon.store.generation()
     except StoreError as exc:
         reasons.append(str(exc))
+    degraded: list[str] = []  # fleet mode on a local share: ready, and says so
+    if daemon.fleet is not None:
+        ready, note = daemon.fleet.readiness()
+        if note is not None:
+            (degraded if ready else reasons).append(note)
     if reasons:
         return web.json_response({"ready": False, "reasons": reasons}, status=503)
-    return web.json_response({"ready": True, "reasons": []})
+    body: dict[str, Any] = {"ready": True, "reasons": []}
+    if degraded:
+        body["degraded"] = degraded
+    return web.json_response(body)
 
 
 async def status(request: web.Request) -> web.Response:

@@ -749,28 +749,113 @@ class Limits(BaseModel):
 
 
 class StateConfig(BaseModel):
-    """Where instances that share an upstream account keep shared state."""
+    """Where instances that share an upstream account keep shared state (docs/FLEET.md)."""
 
     model_config = _FROZEN
 
     # memory: this process alone; redis: budgets, holds and tokens shared between instances.
     backend: Literal["memory", "redis"] = "memory"
-    # redis://, rediss:// or unix:// URL; may hold a password, so write it as ${REDIS_URL}.
+    # redis://, rediss:// (TLS) or unix:// URL, or redis+sentinel:// / redis+cluster:// (and
+    # their rediss+ forms); may hold user:password, so write it as ${REDIS_URL}.
     url: str | None = None
     # Prefix of every key credproxy writes, so instances of unrelated accounts can share a server.
     key_prefix: str = "credproxy:"
+    # Extra CA file trusted for a rediss:// server with a private CA; must exist.
+    ca_bundle: Path | None = None
+    # While Redis is unreachable: local (serve on local_share of each budget) or closed (503).
+    on_failure: Literal["local", "closed"] = "local"
+    # How many instances share the account; sets local_share to 1/instances, and a running
+    # fleet keeps the shares of configured instances it cannot see in reserve.
+    instances: PositiveInt | None = None
+    # Fraction of each budget one instance uses alone while Redis is unreachable; default
+    # 1/instances, or 0.1 when instances is not set either.
+    local_share: Annotated[float, Gt(0), Field(le=1)] | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if value is None:
+            return None
+        if not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(
+                "must be a redis://, rediss://, unix://, redis+sentinel://, "
+                "rediss+sentinel://, redis+cluster:// or rediss+cluster:// URL"
+            )
+        _check_redis_url(value)
         return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value or any(c.isspace() for c in value):
+            raise ValueError(
+                "must not contain braces or spaces: credproxy adds its own {hash tags} so "
+                "each script touches one Redis Cluster slot"
+            )
+        return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
         _checked(_state_checks(dict(self)))
         return self
+
+    @property
+    def share(self) -> float:
+        """The fraction of each budget one instance uses alone while Redis is unreachable."""
+        if self.local_share is not None:
+            return self.local_share
+        if self.instances is not None:
+            return 1.0 / self.instances
+        return DEFAULT_LOCAL_SHARE
+
+
+_REDIS_SCHEMES: Final = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
+# local_share when neither it nor `instances` is configured.
+DEFAULT_LOCAL_SHARE: Final = 0.1
+
+
+def _check_redis_url(value: str) -> None:
+    """Hosts, ports and (for Sentinel) the service name; never echoes the URL (a password)."""
+    scheme, _, rest = value.partition("://")
+    if scheme == "unix":
+        return
+    netloc, _, path = rest.split("?", 1)[0].partition("/")
+    hosts = netloc.rpartition("@")[2]
+    for item in hosts.split(",") if scheme.endswith("+sentinel") else [hosts]:
+        try:
+            parts = urlsplit(f"redis://{item}")
+            parts.port  # noqa: B018 - parsing is the check
+        except ValueError:
+            raise ValueError("has a malformed host or port") from None
+        if not parts.hostname:
+            raise ValueError("must name a host")
+    segments = [part for part in path.split("/") if part]
+    if scheme.endswith("+sentinel"):
+        if not segments:
+            raise ValueError(
+                "must name the Sentinel service: redis+sentinel://host:26379[,host:26379]/mymaster"
+            )
+        segments = segments[1:]
+    if len(segments) > 1 or not all(part.isdigit() for part in segments):
+        raise ValueError("may end with a database number only, e.g. /0")
 
 
 def _state_checks(state: Mapping[str, Any]) -> list[tuple[Loc, str]]:

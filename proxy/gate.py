@@ -2,23 +2,31 @@
 
 The gates outlive config versions: a reload re-sizes budgets and queues but keeps
 what was spent, the holds in force and every waiting request. /status and
-/metrics read their state from here.
+/metrics read their state from here. In fleet mode each gate draws on a budget
+shared through Redis (proxy/fleet.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, UpstreamConfig
 from .metrics import Metrics
 from .ratelimit import Limiter
 
+if TYPE_CHECKING:
+    from .fleet import Fleet
+
+log = logging.getLogger("credproxy")
+
 
 class Gates:
     """Limiters by (upstream, credential name)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, fleet: Fleet | None = None) -> None:
         self._metrics = metrics
+        self._fleet = fleet
         self._limiters: dict[tuple[str, str], Limiter] = {}
 
     def limiter(self, upstream_name: str, credential: str, upstream: UpstreamConfig) -> Limiter:
@@ -26,17 +34,25 @@ class Gates:
         limiter = self._limiters.get(key)
         if limiter is None:
             holds = self._metrics.holds.labels(upstream_name)
+            budget = None
+            if self._fleet is not None:
+                budget = self._fleet.budget(upstream_name, credential, upstream.rate_limit)
             limiter = Limiter(
                 f"{upstream_name}/{credential}",
                 upstream.rate_limit,
                 upstream.queue,
                 on_hold=lambda _seconds: holds.inc(),
+                budget=budget,
             )
             self._limiters[key] = limiter
         return limiter
 
     def sync(self, config: Config) -> None:
         """Apply a reloaded config; forget idle gates of upstreams that are gone."""
+        if self._fleet is not None:
+            self._fleet.sync(config)
+        elif config.state is not None and config.state.backend != "memory":
+            log.warning("config: changes under `state:` take effect at the next restart")
         for (name, credential), limiter in list(self._limiters.items()):
             upstream = config.upstreams.get(name)
             if upstream is None:

@@ -5,7 +5,8 @@ the access token that came with it.
 
 It must never put a token or client secret in a log line, an exception message, a repr or argv,
 never send a rotated-out refresh token again, never follow a redirect from the token endpoint,
-and never retry a refused grant in a loop.
+and never retry a refused grant in a loop. In fleet mode (`TokenShare`, proxy/fleet.py) the
+tokens live in Redis too and one instance of the fleet refreshes, under a fenced lock.
 
     OAuthError               one line for `credproxy login`
     CredentialUnavailable    (proxy.errors) what a request gets: 503 credential_unavailable
@@ -27,7 +28,7 @@ import time
 import webbrowser
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal, Protocol, TextIO
 from urllib.parse import quote
 
 import aiohttp
@@ -54,7 +55,10 @@ __all__ = [
     "OAUTH_CREDENTIAL",
     "CredentialState",
     "OAuthError",
+    "ShareUnavailable",
+    "SharedTokens",
     "TokenManager",
+    "TokenShare",
     "access_name",
     "login",
     "refresh_name",
@@ -84,6 +88,12 @@ EXPIRY_SKEW: Final = 30.0
 BACKOFF_BASE: Final = 1.0
 BACKOFF_CAP: Final = 60.0
 LOGIN_TIMEOUT: Final = 300.0
+# The fleet's refresh lock outlives the longest refresh call by this much (slow store, GC).
+LOCK_MARGIN: Final = 15.0
+# How often an instance waiting for another one's refresh looks at the fleet's record.
+SHARE_POLL: Final = 0.25
+# While the fleet's state is unreachable, look again this often (a reconnect also wakes us).
+SHARE_RETRY: Final = 1.0
 
 _MAX_TOKEN_RESPONSE = 1 << 20
 _CLIENT_SECRET_KINDS = ("client_secret", "api_key")  # `keys add` stores api_key by default
@@ -94,6 +104,55 @@ _ERROR_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\
 
 class OAuthError(Exception):
     """A login that could not be completed; `str()` is one line saying why and what to do."""
+
+
+class ShareUnavailable(Exception):
+    """The fleet's shared OAuth state cannot be read or written now; `str()` says why."""
+
+
+@dataclass(frozen=True)
+class SharedTokens:
+    """The fleet's copy of one upstream's tokens: a JSON record, its generation and age."""
+
+    record: Secret  # {"access_token", "expires_at", "issued_at", "scope", "refresh_token"}
+    gen: int  # the fencing token of the refresh that wrote it; 0 for a login not yet shared
+    issued_at: float  # epoch seconds the access token was issued
+
+
+class TokenShare(Protocol):
+    """Where the instances of a fleet keep one upstream's tokens and refresh lock (Redis).
+
+    Every method raises ShareUnavailable when the shared state cannot be used now.
+    """
+
+    def attach(
+        self, provider: Callable[[], SharedTokens | None], notify: Callable[[], None]
+    ) -> None:
+        """`provider()`: this instance's tokens, offered on (re)joining; `notify()`: look again."""
+        ...
+
+    async def read(self) -> SharedTokens | None: ...
+
+    async def offer(self, tokens: SharedTokens) -> int | None:
+        """Store `tokens` if newer than the fleet's (by generation, then age for a login).
+
+        Returns the generation they got, or None when the fleet's copy stays.
+        """
+        ...
+
+    async def lock(self, lease: float) -> tuple[int | None, float]:
+        """The refresh lock for `lease` seconds: (fence, 0), or (None, seconds to wait)."""
+        ...
+
+    async def commit(self, fence: int, tokens: SharedTokens) -> bool:
+        """Store tokens a refresh under `fence` got and release the lock; False if fenced out."""
+        ...
+
+    async def unlock(self, fence: int) -> None: ...
+
+    async def changed(self, timeout: float) -> None:
+        """Return when another instance published tokens, or after `timeout` seconds."""
+        ...
 
 
 def refresh_name(upstream: str) -> str:
@@ -170,13 +229,18 @@ class _Access:
             scope if isinstance(scope, str) else "",
         )
 
-    def record(self) -> Secret:
-        doc = {
+    def record(self, gen: int | None = None, refresh: Secret | None = None) -> Secret:
+        """The stored JSON; with `gen` the fleet's generation, with `refresh` the refresh token."""
+        doc: dict[str, object] = {
             "access_token": self.token.reveal(),
             "expires_at": self.expires_at,
             "scope": self.scope,
             "issued_at": self.issued_at,
         }
+        if gen is not None:
+            doc["gen"] = gen
+        if refresh is not None:
+            doc["refresh_token"] = refresh.reveal()
         return Secret(json.dumps(doc, separators=(",", ":")))
 
     @property
@@ -198,6 +262,31 @@ class _Access:
     def due(self, now: float) -> bool:
         refresh_at = self.refresh_at
         return refresh_at is not None and now >= refresh_at
+
+
+def _record_gen(record: Secret | None) -> int:
+    """The fleet generation kept in a stored access record; 0 when it has none."""
+    if record is None:
+        return 0
+    try:
+        data = json.loads(record.reveal())
+    except ValueError:
+        return 0
+    gen = data.get("gen") if isinstance(data, dict) else None
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen > 0 else 0
+
+
+def _shared_refresh(record: Secret) -> Secret | None:
+    """The refresh token in the fleet's record, registered with the redactor; None if none."""
+    try:
+        data = json.loads(record.reveal())
+    except ValueError:
+        return None
+    refresh = data.get("refresh_token") if isinstance(data, dict) else None
+    if not isinstance(refresh, str) or not _header_safe(refresh):
+        return None
+    redactor.add(refresh)
+    return Secret(refresh)
 
 
 def _is_number(value: object) -> bool:
@@ -406,7 +495,9 @@ class TokenManager:
     Requests call `access_token()`; in steady state it returns at once while a background
     task refreshes ahead of expiry. However many callers need a new token together, one call
     goes to the token endpoint and the rest wait for it. A rotated refresh token is committed
-    to the store before the new access token is handed to anyone.
+    to the store before the new access token is handed to anyone. With `shared` (fleet mode)
+    that holds across instances: one refreshes under the fleet's lock and writes the tokens to
+    the shared record before using them; the others adopt them without calling the endpoint.
     """
 
     def __init__(
@@ -421,6 +512,7 @@ class TokenManager:
         refresh_timeout: float = REFRESH_TIMEOUT,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
+        shared: TokenShare | None = None,
     ) -> None:
         """Read the upstream's tokens from the store once (directly: this runs before serving)."""
         if upstream.oauth is None:
@@ -452,7 +544,15 @@ class TokenManager:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._retired: list[aiohttp.ClientSession] = []
+        # fleet mode: the shared record, the generation of the tokens in use, what to do next
+        self._shared = shared
+        self._gen = 0
+        self._fleet_dirty = shared is not None  # read the fleet's record before the next use
+        self._offer = False  # our tokens are news to the fleet (a login, a first start)
+        self._fleet_wait = False  # a refresh waits for the shared state to come back
         self._apply(self._read_store())
+        if shared is not None:
+            shared.attach(self._shared_tokens, self._fleet_changed)
 
     def __repr__(self) -> str:
         return f"TokenManager({self.upstream_name!r}, state={self.state!r})"
@@ -482,6 +582,7 @@ class TokenManager:
     async def access_token(self) -> Secret:
         """A valid access token; waits for a refresh in flight; CredentialUnavailable if none."""
         await self._reload_if_dirty()
+        await self._sync_if_dirty()
         now = self._clock()
         access = self._access
         if access is not None and access.usable(now):
@@ -581,6 +682,7 @@ class TokenManager:
             self._unsaved = None  # a login (or another writer) supersedes what we could not save
             if self._block is not None and self._block.state == "needs_login":
                 self._lift_block()
+            self._news_for_fleet()
         if first or snap.access != seen.access:
             seen.access = snap.access
             parsed = None if snap.access is None else _Access.from_record(snap.access)
@@ -590,6 +692,8 @@ class TokenManager:
                     self.upstream_name,
                 )
             self._access = parsed
+            self._gen = _record_gen(snap.access)
+            self._news_for_fleet()
         if first or snap.client_secret != seen.client_secret:
             seen.client_secret = self._client_secret = snap.client_secret
             if self._block is not None and self._block.state == "missing":
@@ -619,11 +723,15 @@ class TokenManager:
 
     def _write_tokens(self, tokens: _Tokens, access: _Access) -> None:
         """The refresh token first, then the access record: each a durable transaction."""
+        self._write_pair(tokens.refresh, access)
+
+    def _write_pair(self, refresh: Secret | None, access: _Access) -> None:
         name = self.upstream_name
-        if tokens.refresh is not None and tokens.refresh != self._seen.refresh:
-            self._store.put(refresh_name(name), "oauth_refresh_token", tokens.refresh)
-            self._seen.refresh = tokens.refresh
-        record = access.record()
+        if refresh is not None and refresh != self._seen.refresh:
+            self._store.put(refresh_name(name), "oauth_refresh_token", refresh)
+            self._seen.refresh = refresh
+        gen = self._gen if self._shared is not None and self._gen > 0 else None
+        record = access.record(gen)
         self._store.put(access_name(name), "oauth_access_token", record)
         self._seen.access = record
 
@@ -637,6 +745,234 @@ class TokenManager:
         self._access = access
         self._unsaved = None
         return access
+
+    # -- the fleet's record ----------------------------------------------------------------------
+
+    def _news_for_fleet(self) -> None:
+        """Tokens read from the store (a start, a login) are offered to the fleet."""
+        if self._shared is not None:
+            self._offer = True
+            self._fleet_dirty = True
+
+    def _shared_tokens(self) -> SharedTokens | None:
+        """This instance's tokens as the fleet keeps them; None without an access token."""
+        access = self._access
+        if access is None:
+            return None
+        return SharedTokens(access.record(refresh=self._refresh), self._gen, access.issued_at)
+
+    def _fleet_changed(self) -> None:
+        """Another instance published tokens, or the shared state is back: look again."""
+        self._fleet_dirty = True
+        if self._fleet_wait:
+            self._fleet_wait = False
+            self._failures = 0
+            self._retry_at = None
+        self._wake.set()
+
+    async def _sync_if_dirty(self) -> None:
+        if self._shared is not None and self._fleet_dirty:
+            with contextlib.suppress(ShareUnavailable):
+                await self._sync_shared(self._shared)
+
+    async def _sync_shared(self, shared: TokenShare) -> None:
+        """Offer our news to the fleet, then adopt the fleet's tokens if they are newer."""
+        self._fleet_dirty = False
+        try:
+            if self._offer:
+                await self._offer_ours(shared)
+            theirs = await shared.read()
+            if theirs is not None and theirs.gen < self._gen:
+                # The fleet lost the newer tokens we hold (Redis restarted without its data).
+                await self._offer_ours(shared)
+                theirs = await shared.read()
+        except ShareUnavailable:
+            self._fleet_dirty = True
+            raise
+        if theirs is not None and theirs.gen > self._gen:
+            await self._adopt(theirs)
+
+    async def _offer_ours(self, shared: TokenShare) -> None:
+        self._offer = False
+        mine = self._shared_tokens()
+        if mine is None:
+            return
+        gen = await shared.offer(mine)
+        if gen is not None and gen != self._gen:
+            self._gen = gen
+            access = self._access
+            if access is not None:
+                await self._mirror(self._refresh, access)
+
+    async def _adopt(self, theirs: SharedTokens) -> None:
+        """Use the tokens another instance got (they are in the fleet's record already)."""
+        access = _Access.from_record(theirs.record)
+        if access is None:
+            log.warning(
+                "the fleet's OAuth record of upstream %s is unreadable; ignoring it",
+                self.upstream_name,
+            )
+            return
+        refresh = _shared_refresh(theirs.record)
+        self._gen = theirs.gen
+        self._access = access
+        if refresh is not None:
+            self._refresh = refresh
+        self._unsaved = None
+        if self._block is not None and self._block.state == "needs_login" and refresh is not None:
+            self._lift_block()
+        self._failures, self._retry_at, self._last_error = 0, None, ""
+        log.debug(
+            "OAuth token of upstream %s taken from the fleet (generation %d)",
+            self.upstream_name,
+            theirs.gen,
+        )
+        await self._mirror(refresh, access)
+
+    async def _mirror(self, refresh: Secret | None, access: _Access) -> None:
+        """Keep the local store in step with the fleet, so a restart without Redis has them."""
+        try:
+            async with self._io:
+                await asyncio.to_thread(self._write_pair, refresh, access)
+        except StoreError as error:
+            log.warning(
+                "cannot keep a local copy of the fleet's OAuth tokens of upstream %s: %s",
+                self.upstream_name,
+                error,
+            )
+
+    async def _fly_shared(self, shared: TokenShare, stale: Secret | None) -> _Access:
+        """The fleet's refresh: adopt another instance's result, or refresh under the lock."""
+        try:
+            await self._sync_shared(shared)
+        except ShareUnavailable as error:
+            return await self._fly_degraded(stale, str(error))
+        fresh = self._fresh(stale)
+        if fresh is not None:
+            return fresh
+        blocked = self._blocked(self._clock())
+        if blocked is not None:
+            raise CredentialUnavailable(blocked.message)
+        lease = self._refresh_timeout + self._request_timeout + LOCK_MARGIN
+        give_up = self._clock() + lease + LOCK_MARGIN
+        while True:
+            try:
+                fence, wait = await shared.lock(lease)
+                if fence is not None:
+                    break
+                # Another instance refreshes (or the fleet settles after a Redis restart).
+                await shared.changed(min(max(wait, 0.01), SHARE_POLL))
+                await self._sync_shared(shared)
+            except ShareUnavailable as error:
+                return await self._fly_degraded(stale, str(error))
+            fresh = self._fresh(stale, due_ok=True)
+            if fresh is not None:
+                return fresh
+            if self._clock() > give_up:
+                raise CredentialUnavailable(
+                    self._retry_later("another instance of the fleet holds the refresh lock")
+                )
+        return await self._refresh_locked(shared, fence, stale)
+
+    def _fresh(self, stale: Secret | None, *, due_ok: bool = False) -> _Access | None:
+        """The token in use if it is another than `stale`, usable, and not (or no matter) due."""
+        now, current = self._clock(), self._access
+        if current is None or current.token == stale or not current.usable(now):
+            return None
+        if current.due(now) and not due_ok:
+            return None
+        self._failures, self._retry_at, self._last_error = 0, None, ""
+        return current
+
+    async def _refresh_locked(
+        self, shared: TokenShare, fence: int, stale: Secret | None
+    ) -> _Access:
+        """Holding the fleet's lock: refresh, write the fleet's record, then use the tokens."""
+        held = True
+        try:
+            try:
+                await self._sync_shared(shared)  # someone may have finished just before
+            except ShareUnavailable as error:
+                return await self._fly_degraded(stale, str(error))
+            fresh = self._fresh(stale)
+            if fresh is not None:
+                return fresh
+            blocked = self._blocked(self._clock())
+            if blocked is not None:
+                raise CredentialUnavailable(blocked.message)
+            tokens = await self._call_endpoint()
+            self._count("ok")
+            access = _Access.from_tokens(tokens)
+            refresh = tokens.refresh or self._refresh
+            record = SharedTokens(access.record(refresh=refresh), fence, access.issued_at)
+            try:
+                committed = await shared.commit(fence, record)
+                held = False
+            except ShareUnavailable as error:
+                # The rotated refresh token goes to the local store below and to the fleet
+                # when it is back (offered with this fence); no one else can refresh meanwhile.
+                committed = True
+                self._offer = True
+                log.warning(
+                    "OAuth tokens of upstream %s were renewed but could not be written to the "
+                    "fleet's shared state (%s); kept in the local store, shared when it is back",
+                    self.upstream_name,
+                    error,
+                )
+            if not committed:
+                log.error(
+                    "OAuth refresh of upstream %s was fenced out: another instance wrote newer "
+                    "tokens while this one held an expired lock; using the fleet's",
+                    self.upstream_name,
+                )
+                with contextlib.suppress(ShareUnavailable):
+                    await self._sync_shared(shared)
+                fresh = self._fresh(stale, due_ok=True)
+                if fresh is None:
+                    raise CredentialUnavailable(
+                        self._retry_later("the fleet's refresh was fenced out")
+                    )
+                return fresh
+            self._gen = fence
+            self._unsaved = tokens
+            try:
+                await self._commit(tokens)
+            except StoreError as error:
+                log.warning(
+                    "cannot keep a local copy of the renewed OAuth tokens of upstream %s: %s",
+                    self.upstream_name,
+                    error,
+                )
+                self._access, self._unsaved = access, None
+                if tokens.refresh is not None:
+                    self._refresh = tokens.refresh
+            self._succeeded(access)
+            return access
+        except _Transient as error:
+            self._count("error")
+            raise CredentialUnavailable(self._retry_later(str(error))) from None
+        except OAuth2Error as error:
+            raise CredentialUnavailable(self._refused(error)) from None
+        finally:
+            if held:
+                with contextlib.suppress(ShareUnavailable):
+                    await shared.unlock(fence)
+
+    async def _fly_degraded(self, stale: Secret | None, reason: str) -> _Access:
+        """The fleet's state is unreachable: refresh alone only where no token can be reused."""
+        if self._oauth.grant == "client_credentials":
+            return await self._fly_alone(stale)
+        self._fleet_wait = True
+        current = self._access
+        if current is not None and current.token != stale and current.usable(self._clock()):
+            self._retry_at = self._clock() + SHARE_RETRY  # the token still works: try later
+            return current
+        raise CredentialUnavailable(
+            self._retry_later(
+                f"the fleet's shared state is unreachable ({reason}); a refresh waits for it "
+                "so that no instance presents a rotated-out refresh token"
+            )
+        )
 
     # -- refreshing --------------------------------------------------------------------------
 
@@ -715,6 +1051,12 @@ class TokenManager:
             await session.close()
         self._retired.clear()
         await self._reload()  # a login or an outside writer may already have moved on
+        if self._shared is not None:
+            return await self._fly_shared(self._shared, stale)
+        return await self._fly_alone(stale)
+
+    async def _fly_alone(self, stale: Secret | None) -> _Access:
+        """A refresh by this instance alone: the only one, or a fleet's with client credentials."""
         now = self._clock()
         current = self._access
         if (
@@ -857,6 +1199,7 @@ class TokenManager:
             try:
                 self._wake.clear()
                 await self._reload_if_dirty()
+                await self._sync_if_dirty()
                 delay = self._next_wake(self._clock())
                 if delay is not None and delay <= 0:
                     self._kick(self._clock())

@@ -4,7 +4,8 @@ A `Limiter` lets a request go only when the credential's budget (a token bucket 
 `rate_limit` window, corrected by the upstream's `X-RateLimit-*` headers) allows it and no
 429 hold is in force; waiting requests queue FIFO per app and are served round-robin between
 apps. It must never send during a hold, never keep a request past its deadline without an
-answer, and never poll: it keeps one timer at most, for the next thing that can happen.
+answer, and never poll: it keeps one timer at most, for the next thing that can happen. In fleet
+mode a `SharedBudget` (proxy/fleet.py) takes the place of the local windows and shares holds.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from proxy.config import QueueConfig, RateLimitConfig
-from proxy.errors import QueueFull, RateLimitExceeded
+from proxy.errors import ProxyError, QueueFull, RateLimitExceeded
 
-__all__ = ["BACKOFF_CAP", "MAX_HOLD", "PACE_MARGIN", "WINDOWS", "Limiter", "parse_retry_after"]
+__all__ = [
+    "BACKOFF_CAP",
+    "FLEET_HOLD",
+    "MAX_HOLD",
+    "PACE_MARGIN",
+    "WINDOWS",
+    "Limiter",
+    "SharedBudget",
+    "parse_retry_after",
+]
 
 log = logging.getLogger("credproxy.ratelimit")
 
@@ -47,6 +57,50 @@ _MAX_BODY: Final = 65_536
 # Timers may fire a hair early; anything due within this is due now.
 _EPS: Final = 1e-6
 _REMAINING_ZERO: Final = "X-RateLimit-Remaining: 0"
+# The source of a hold another instance of the fleet started.
+FLEET_HOLD: Final = "another instance of the fleet"
+
+
+class SharedBudget(Protocol):
+    """A credential's budget and holds shared with other instances (proxy/fleet.py).
+
+    It replaces the limiter's own windows. Calls are synchronous; the budget does its I/O
+    in the background and calls `wake` when what it said may have changed.
+    """
+
+    def bind(self, wake: Callable[[], None], hold: Callable[[float, str], None]) -> None:
+        """`wake()`: re-evaluate now; `hold(seconds, source)`: the fleet is on hold."""
+        ...
+
+    def reconfigure(self, limit: RateLimitConfig | None) -> None: ...
+
+    def ready_at(self, now: float, demand: int) -> float:
+        """When one unit could be taken; math.inf while an answer is pending (then `wake`)."""
+        ...
+
+    def take(self, now: float) -> None: ...
+
+    def give_back(self, now: float) -> None: ...
+
+    def nth_at(self, now: float, n: int) -> float:
+        """An estimate of when the n-th of n units asked for now could be taken."""
+        ...
+
+    def unavailable(self) -> ProxyError | None:
+        """The error to answer with when the budget cannot be had at all (fail closed)."""
+        ...
+
+    def started_hold(self, seconds: float) -> float:
+        """This instance holds for `seconds`: tell the fleet; returns the jitter to add."""
+        ...
+
+    def jitter(self, seconds: float) -> float:
+        """Extra seconds to hold past a fleet hold, so the fleet does not resume at once."""
+        ...
+
+    def left(self, now: float) -> int | None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
 
 
 class _Window:
@@ -142,6 +196,15 @@ class _Waiter:
 
     def __lt__(self, other: _Waiter) -> bool:  # heap order: earliest deadline first
         return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+def _late(bound: float, deadline: float) -> bool:
+    """Whether a request whose earliest moment is `bound` misses `deadline`.
+
+    math.inf means a shared budget's answer is pending: the request waits for it (or for its
+    deadline), it is not refused before anyone knows.
+    """
+    return bound != math.inf and bound > deadline
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -259,12 +322,15 @@ class Limiter:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         on_hold: Callable[[float], None] | None = None,
+        budget: SharedBudget | None = None,
     ) -> None:
         self.name = name
         self._clock = clock
         self._wall = wall
         self._on_hold = on_hold
-        self._windows = _build_windows(limit, clock(), [])
+        self._budget = budget
+        # With a shared budget the fleet's windows replace this process's own.
+        self._windows = _build_windows(limit, clock(), []) if budget is None else []
         self.max_size = queue.max_size
         self._max_wait = queue.max_wait
         self._apps: dict[str, _App] = {}
@@ -285,6 +351,8 @@ class Limiter:
         self._warned: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        if budget is not None:
+            budget.bind(self.wake, self._fleet_hold)
 
     # ------------------------------------------------------------------ public
 
@@ -307,11 +375,15 @@ class Limiter:
         deadline = min(deadline, now + self._max_wait)
         state = self._app(app, app_limit, now)
         self._pump(now)
+        if self._budget is not None:
+            closed = self._budget.unavailable()
+            if closed is not None:
+                raise closed
         if (retry or state.live == 0) and self._bound(now, state) <= now + _EPS:
             self._charge(now, state)
             self._schedule(now)
             return
-        if self._bound(now, state) > deadline:
+        if _late(self._bound(now, state), deadline):
             raise self._too_late(now, state, extra=1)
         if not retry and self._depth >= self.max_size:
             raise QueueFull(
@@ -371,7 +443,10 @@ class Limiter:
     def reconfigure(self, limit: RateLimitConfig | None, queue: QueueConfig) -> None:
         """Take new figures after a config reload, keeping budget spent, holds and waiters."""
         now = self._clock()
-        self._windows = _build_windows(limit, now, self._windows)
+        if self._budget is None:
+            self._windows = _build_windows(limit, now, self._windows)
+        else:
+            self._budget.reconfigure(limit)
         self.max_size = queue.max_size
         self._max_wait = queue.max_wait
         self._pump(now)
@@ -380,6 +455,14 @@ class Limiter:
         """Give back the budget of a granted request that never reached the upstream."""
         self._refund(self._apps.get(app))
         self._pump(self._clock())
+
+    def _fleet_hold(self, seconds: float, source: str) -> None:
+        """Another instance (or the fleet's record) says the credential is on hold."""
+        now = self._clock()
+        self._refresh(now)
+        if seconds > 0:
+            self._start_hold(now, self._wall(), now + seconds, source)
+        self._pump(now)
 
     def wake(self) -> None:
         """Grant what is due and fail what can no longer make it, now.
@@ -408,6 +491,8 @@ class Limiter:
             return max(0, self._remaining)
         if self._windows:
             return min(w.left(now) for w in self._windows)
+        if self._budget is not None:
+            return self._budget.left(now)
         return None
 
     @property
@@ -423,7 +508,7 @@ class Limiter:
     def snapshot(self) -> dict[str, Any]:
         """State for /status: queue, hold and budget; never a secret."""
         reset = self.reset
-        return {
+        snapshot: dict[str, Any] = {
             "queue": {"depth": self.depth, "max_size": self.max_size},
             "hold_until": self.hold_until,
             "rate_limit": {
@@ -431,6 +516,9 @@ class Limiter:
                 "reset": None if reset is None else math.ceil(reset),
             },
         }
+        if self._budget is not None:
+            snapshot["fleet"] = self._budget.snapshot()
+        return snapshot
 
     # ------------------------------------------------------------------ budget
 
@@ -457,6 +545,9 @@ class Limiter:
             t = max(t, self._reset_at)
         for window in self._windows:
             t = max(t, window.ready_at())
+        if self._budget is not None and t <= now + _EPS:
+            # Asked only when nothing else holds the request back: asking may lease budget.
+            t = max(t, self._budget.ready_at(now, self._depth + 1))
         return t
 
     def _bound(self, now: float, state: _App) -> float:
@@ -464,6 +555,8 @@ class Limiter:
         return max(self._upstream_ready(now), state.ready_at(now))
 
     def _charge(self, now: float, state: _App) -> None:
+        if self._budget is not None:
+            self._budget.take(now)
         for window in self._windows:
             window.take(now)
         for window in state.windows:
@@ -472,6 +565,8 @@ class Limiter:
             self._remaining -= 1
 
     def _refund(self, state: _App | None) -> None:
+        if self._budget is not None:
+            self._budget.give_back(self._clock())
         for window in self._windows:
             window.give_back()
         for window in state.windows if state is not None else ():
@@ -492,6 +587,8 @@ class Limiter:
             t = max(t, self._reset_at)
         for window in self._windows:
             t = max(t, window.nth_at(now, n))
+        if self._budget is not None:
+            t = max(t, self._budget.nth_at(now, n))
         for window in state.windows:
             t = max(t, window.nth_at(now, state.live + extra))
         wait = t - now
@@ -537,6 +634,13 @@ class Limiter:
 
     def _start_hold(self, now: float, wall: float, end: float, source: str) -> None:
         end = min(end, now + MAX_HOLD)
+        if self._budget is not None and end > now:
+            # Tell the fleet (unless it told us), and resume a little after the others.
+            seconds = end - now
+            if source == FLEET_HOLD:
+                end += self._budget.jitter(seconds)
+            else:
+                end += self._budget.started_hold(seconds)
         if self._windows:
             # The server says the budget is spent: resume paced, not with a burst that a
             # sliding-window upstream would answer with a 429 one interval later.
@@ -653,6 +757,9 @@ class Limiter:
     def _pump(self, now: float) -> None:
         """Grant everything due now, fail what cannot make its deadline, set the timer."""
         self._refresh(now)
+        closed = self._budget.unavailable() if self._budget is not None else None
+        if closed is not None and self._depth:
+            self._fail_all(closed)
         while self._depth and self._upstream_ready(now) <= now + _EPS:
             waiter = self._next(now)
             if waiter is None:
@@ -666,7 +773,7 @@ class Limiter:
             if not self._alive(waiter):
                 heapq.heappop(heap)
                 continue
-            if waiter.deadline > now and self._bound(now, waiter.app) <= waiter.deadline:
+            if waiter.deadline > now and not _late(self._bound(now, waiter.app), waiter.deadline):
                 break
             heapq.heappop(heap)
             error = self._too_late(now, waiter.app, extra=0)
@@ -674,6 +781,13 @@ class Limiter:
             waiter.fut.set_exception(error)
         self._compact()
         self._schedule(now)
+
+    def _fail_all(self, error: ProxyError) -> None:
+        """Answer every waiter with `error` (the fleet's budget cannot be had: fail closed)."""
+        for waiter in self._heap:
+            if self._alive(waiter):
+                self._settle(waiter)
+                waiter.fut.set_exception(error)
 
     def _compact(self) -> None:
         """Drop settled entries once they outnumber live ones (amortised O(1))."""
@@ -707,7 +821,7 @@ class Limiter:
             if self._heap:
                 deadline = self._heap[0].deadline  # maybe settled: an early, harmless wake-up
                 wake = deadline if wake is None else min(wake, deadline)
-        if wake is None:
+        if wake is None or wake == math.inf:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -37,6 +37,9 @@ from .route import MAIN
 from .runtime import Snapshot
 from .store import Store
 from .vault import Vault
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 log = logging.getLogger("credproxy")
 
@@ -220,7 +223,12 @@ class Daemon:
         self.clients = UpstreamClients()
         self.metrics = Metrics()
         self.pid = os.getpid()
-        self.gates = Gates(self.metrics)
+        self.fleet: Fleet | None = None  # state: {backend: redis}; see docs/FLEET.md
+        if config.state is not None and config.state.backend == "redis":
+            from .fleet import Fleet
+
+            self.fleet = Fleet(config.state, store.master.key)
+        self.gates = Gates(self.metrics, fleet=self.fleet)
         self.pipeline = Pipeline(
             lambda: self.snapshot,
             lambda: self.vault,
@@ -286,7 +294,10 @@ class Daemon:
                 continue
             manager = self.oauth.get(name)
             if manager is None:
-                manager = TokenManager(name, upstream, self.store, metrics=self.metrics)
+                shared = None if self.fleet is None else self.fleet.tokens(name)
+                manager = TokenManager(
+                    name, upstream, self.store, metrics=self.metrics, shared=shared
+                )
                 self.oauth[name] = manager
                 manager.start()
             else:
@@ -301,6 +312,8 @@ class Daemon:
         from .admin import admin_app
 
         try:
+            if self.fleet is not None:
+                await self.fleet.start()
             await self._sync_oauth()
             await self._sync_listeners()
             admin = self.snapshot.config.admin_listen
@@ -412,6 +425,8 @@ class Daemon:
             self.admin_runner = None
         await asyncio.gather(*(m.close() for m in self.oauth.values()), return_exceptions=True)
         self.oauth.clear()
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.clients.close()
         try:
             self.vault.flush_usage()
