@@ -10,6 +10,7 @@ library errors never reach an app.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -23,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import UpstreamConfig
+from .config import TimeoutsConfig, UpstreamConfig
 from .errors import ProxyError, RequestTooLarge, UpstreamTimeout, UpstreamUnreachable
 from .identify import TOKEN_PREFIX
 
@@ -68,6 +69,11 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _APP_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{40,}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_token(name: str) -> bool:
+    return _TOKEN.match(name) is not None
+
+
 def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     named: set[str] = set()
     for value in headers.getall("Connection", []):
@@ -88,7 +94,11 @@ def request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lname = name.lower()
-        if lname in drop or lname.startswith(_STRIP_REQUEST_PREFIXES) or _APP_TOKEN.search(value):
+        if (
+            lname in drop
+            or lname.startswith(_STRIP_REQUEST_PREFIXES)
+            or (TOKEN_PREFIX in value and _APP_TOKEN.search(value))
+        ):
             continue
         out.add(name, value)
     out[auth_name] = auth_value
@@ -106,7 +116,7 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lname = name.lower()
-        if lname in drop or lname.startswith("x-credproxy-") or not _TOKEN.match(name):
+        if lname in drop or lname.startswith("x-credproxy-") or not _is_token(name):
             continue
         out.add(name, value)
     return out
@@ -157,7 +167,7 @@ class UpstreamClients:
     fresh one, and the old one closes once its last request in flight finishes.
     """
 
-    def __init__(self, *, pool_size: int = 100) -> None:
+    def __init__(self, *, pool_size: int = 4096) -> None:
         self._pools: dict[str, _Pool] = {}
         self._retired: set[_Pool] = set()
         self._pool_size = pool_size
@@ -253,6 +263,14 @@ def _host_of(upstream: UpstreamConfig) -> str:
     return upstream.origin.split("://", 1)[1]
 
 
+@functools.lru_cache(maxsize=64)
+def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
+    # connect: the wait for a pool slot plus the connection, so no request waits forever
+    return aiohttp.ClientTimeout(
+        total=t.total, connect=t.connect * 6, sock_connect=t.connect, sock_read=t.idle
+    )
+
+
 async def send(
     session: aiohttp.ClientSession,
     method: str,
@@ -266,8 +284,7 @@ async def send(
     Failures before the connection was established are marked `reached=False`: the
     request provably never reached the server, so any method may be tried again.
     """
-    t = upstream.timeouts
-    timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
+    timeout = _client_timeout(upstream.timeouts)
     host = _host_of(upstream)
     streamed = body if isinstance(body, BodyCounter) else None
     try:

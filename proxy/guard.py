@@ -12,6 +12,7 @@ user) is a page's doing and is refused too. Refusals never echo the Host sent.
 
 from __future__ import annotations
 
+import functools
 import re
 from ipaddress import ip_address
 
@@ -26,6 +27,7 @@ _REG_NAME = re.compile(
 _HOST = re.compile(r"^(?P<name>\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?$")
 
 
+@functools.lru_cache(maxsize=256)
 def split_host(value: str) -> tuple[str, int | None]:
     """`name[:port]` -> (lower-case name, port); BadRequest if it is not a valid authority."""
     m = _HOST.match(value.strip().lower())
@@ -45,6 +47,7 @@ def split_host(value: str) -> tuple[str, int | None]:
     return name, port
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback_name(name: str) -> bool:
     if name == "localhost" or name.endswith(".localhost"):
         return True
@@ -52,6 +55,11 @@ def is_loopback_name(name: str) -> bool:
         return ip_address(name.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+@functools.lru_cache(maxsize=64)
+def _loopback_listener(address: ListenAddress) -> bool:
+    return address.is_loopback()
 
 
 def check_request(
@@ -84,6 +92,6 @@ def check_request(
     expected_port = address.port
     if (port or 80) != expected_port:
         raise Forbidden(f"the Host header does not name this listener (port {expected_port})")
-    if address.is_loopback() and not is_loopback_name(name):
+    if _loopback_listener(address) and not is_loopback_name(name):
         # DNS rebinding: a foreign name that resolves to 127.0.0.1.
         raise Forbidden("the Host header is not a loopback name; use 127.0.0.1 or localhost")

@@ -91,16 +91,39 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 }
 
 
+# Set on records whose every field is already safe (the access line: names from the
+# config, numbers, and a path that went through the redactor), so the formatter can skip
+# the full-line redaction passes on the hot path.
+PRE_REDACTED = "_credproxy_pre_redacted"
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+    return {
+        k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
+    }
+
+
+_last_second = -1
+_last_stamp = ""
+
+
+def _timestamp(created: float) -> str:
+    """ISO-8601 UTC to the second, formatted once per second."""
+    global _last_second, _last_stamp
+    second = int(created)
+    if second != _last_second:
+        _last_stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _last_second = second
+    return _last_stamp
 
 
 class TextFormatter(logging.Formatter):
     """`2026-11-23T15:09:42Z info credproxy: message key=value …`, redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{ts}Z {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        line = f"{_timestamp(record.created)} {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if getattr(record, PRE_REDACTED, False):
+            return line
         extras = _extras(record)
         if extras and not record.name.endswith(".access"):
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
@@ -113,18 +136,21 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, redacted after serialisation."""
 
     def format(self, record: logging.LogRecord) -> str:
+        pre = getattr(record, PRE_REDACTED, False)
+        message = record.getMessage()
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
             # Redacted before serialising too: inside the JSON string a logged document's
             # quotes are escaped and its `"key": "value"` pairs would no longer match.
-            "msg": redactor(record.getMessage()),
+            "msg": message if pre else redactor(message),
         }
         doc.update(_extras(record))
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc"] = self.formatException(record.exc_info)
-        return redactor(json.dumps(doc, default=str))
+        text = json.dumps(doc, default=str)
+        return text if pre else redactor(text)
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:

@@ -21,7 +21,7 @@ import time
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -49,7 +49,7 @@ from .forward import (
 from .gate import Gates
 from .guard import check_request
 from .identify import identify
-from .logs import query_keys
+from .logs import PRE_REDACTED, query_keys, redactor
 from .metrics import Metrics
 from .oauth import OAUTH_CREDENTIAL, TokenManager
 from .route import Target, candidates, resolve
@@ -223,6 +223,7 @@ class Pipeline:
         self.metrics = metrics
         self.gates = gates
         self._oauth = oauth
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
 
     async def handle(
         self, request: web.BaseRequest, mode: str, address: ListenAddress | None = None
@@ -275,7 +276,8 @@ class Pipeline:
 
         vault = self._vault()
         tokens = ChainMap(snap.config_tokens, vault.app_tokens())
-        caller = identify(request.headers, request.remote, config.apps, tokens, peer_uid(request))
+        uid = peer_uid(request) if address is not None and address.kind == "unix" else None
+        caller = identify(request.headers, request.remote, config.apps, tokens, uid)
         ex.app = caller.name
 
         target = resolve(request.raw_path, mode, config.upstreams, snap.hosts)
@@ -424,26 +426,37 @@ class Pipeline:
                 request.transport.close()
 
     def _log(self, ex: Exchange, started: float) -> None:
+        """One access line and one request count; built without the generic logging path."""
+        key = (ex.app, ex.upstream, ex.status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.metrics.requests.labels(
+                ex.app, ex.upstream, str(ex.status)
+            )
+        counter.inc()
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         ms = (time.perf_counter() - started) * 1000
-        self.metrics.requests.labels(ex.app, ex.upstream, str(ex.status)).inc()
-        access_log.info(
-            "%s %s %s %s app=%s status=%d %.1fms in=%d out=%d%s",
-            ex.method,
-            ex.upstream,
-            ex.path,
-            "-" if ex.credential is None else f"cred={ex.credential}",
-            ex.app,
-            ex.status,
-            ms,
-            ex.bytes_in,
-            ex.bytes_out,
-            (f" retries={ex.retries}" if ex.retries else "")
-            + (f" error={ex.error}" if ex.error else ""),
+        path = redactor(ex.path) if ex.path != "-" else ex.path
+        cred = "-" if ex.credential is None else f"cred={ex.credential}"
+        tail = (f" retries={ex.retries}" if ex.retries else "") + (
+            f" error={ex.error}" if ex.error else ""
+        )
+        record = access_log.makeRecord(
+            access_log.name,
+            logging.INFO,
+            "",
+            0,
+            f"{ex.method} {ex.upstream} {path} {cred} app={ex.app} status={ex.status} "
+            f"{ms:.1f}ms in={ex.bytes_in} out={ex.bytes_out}{tail}",
+            (),
+            None,
             extra={
+                PRE_REDACTED: True,
                 "app": ex.app,
                 "upstream": ex.upstream,
                 "method": ex.method,
-                "path": ex.path,
+                "path": path,
                 "status": ex.status,
                 "duration_ms": round(ms, 2),
                 "bytes_in": ex.bytes_in,
@@ -453,3 +466,4 @@ class Pipeline:
                 "retries": ex.retries,
             },
         )
+        access_log.handle(record)

@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,22 @@ async def run_daemon(
     log.info("stopped")
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the daemon on uvloop where it is installed (less CPU per request, and a TLS
+    buffer per connection a fraction of asyncio's), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def serve(config_path: Path | None, *, sandbox: bool = False) -> int:
     harden_process()
     try:
         if sandbox:
-            asyncio.run(_serve_sandbox(config_path))
+            run_loop(_serve_sandbox(config_path))
             return 0
         path = config_path or default_config_path(os.environ)
         loaded = fingerprint(path)
@@ -97,7 +109,7 @@ def serve(config_path: Path | None, *, sandbox: bool = False) -> int:
             names = {i.name for i in store.info()}
             for problem in credential_warnings(config, names):
                 log.warning("config: %s", problem)
-            asyncio.run(run_daemon(config, store, path, loaded))
+            run_loop(run_daemon(config, store, path, loaded))
         finally:
             store.close()
     except (StartupError, ServeError) as exc:
