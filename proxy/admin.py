@@ -13,6 +13,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
+from .config import ListenAddress
+from .errors import ProxyError, render
+from .guard import check_request
 from .hardening import process_state
 from .store import StoreError
 
@@ -128,8 +131,27 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
+def _browser_guard(address: ListenAddress) -> Any:
+    """The proxy listeners' Host/Origin rules, for the admin listener too.
+
+    A page on a rebinding name could otherwise read /status and /metrics, and a
+    cross-site form could POST /reload.
+    """
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            check_request(request.headers, "/", address)
+        except ProxyError as err:
+            return render(err)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return guard
+
+
 def admin_app(daemon: Daemon) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_browser_guard(daemon.snapshot.config.admin_listen)])
     app[DAEMON] = daemon
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -29,6 +29,7 @@ from .config import Config, ConfigError, ListenAddress, load_config
 from .errors import BadRequest, ProxyError, RequestTooLarge, render
 from .forward import UpstreamClients
 from .gate import Gates
+from .hardening import file_mode_problems
 from .metrics import Metrics
 from .notify import Notifier
 from .oauth import TokenManager
@@ -343,6 +344,10 @@ class Daemon:
         async with self._reload_lock:
             at = time.time()
             try:
+                # A config others may write could repoint an upstream: never trust it.
+                loose = file_mode_problems(self.config_path, self.store.path)
+                if loose:
+                    raise StartupError("; ".join(loose))
                 config = await asyncio.to_thread(load_config, self.config_path)
                 new = Snapshot.build(config, self.snapshot.version + 1)
                 old = self.snapshot

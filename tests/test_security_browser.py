@@ -212,14 +212,6 @@ async def test_app_token_counts_only_in_its_two_headers(
     assert _body(answer)["error"]["code"] == "unauthorized"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/admin.py admin_app: the admin listener has no Host/Origin guard, so a "
-    "page on a rebinding name (evil.example -> 127.0.0.1) can read /status and /metrics (config "
-    "and store paths, upstream base URLs, app names and scopes, reload errors) and a cross-site "
-    "form can POST /reload. Fix: run guard.check_request (loopback Host with the admin port, no "
-    "Origin / Sec-Fetch-Site) in a middleware of the admin app.",
-)
 @pytest.mark.parametrize(
     ("method", "path", "headers"),
     [

@@ -144,14 +144,6 @@ def test_init_creates_no_loose_directory(
 
 
 @pytest.mark.parametrize("mode", [0o664, 0o666, 0o620])
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT proxy/server.py Daemon.reload: file_mode_problems() runs only at start-up "
-    "(serve.open_store_for_daemon); reload() loads whatever the file says, so a config made "
-    "group/world-writable after start — by anyone able to write it — can repoint base_url and "
-    "have the real key sent to a host of their choosing. Fix: reload() should refuse (keep the "
-    "old config, log the chmod) when file_mode_problems(config_path, store) is not empty.",
-)
 async def test_loose_config_is_not_reloaded(
     tls_upstream: Any, start_daemon: Any, ca_file: Path, mode: int
 ) -> None:
