@@ -141,13 +141,12 @@ class _StrictConnector(aiohttp.TCPConnector):
 
     async def _get(self, key: Any, traces: list[Any]) -> Any:
         conns = self._conns.get(key)
-        if conns:
-            for proto, t0 in list(conns):
-                if proto.should_close:
-                    conns.remove((proto, t0))
-                    proto.close()
-            if not conns:
-                del self._conns[key]
+        # aiohttp reuses from the left: drop spoken-on connections until a clean one leads.
+        while conns and conns[0][0].should_close:
+            proto, _t0 = conns.popleft()
+            proto.close()
+        if conns is not None and not conns:
+            del self._conns[key]
         return await super()._get(key, traces)
 
 

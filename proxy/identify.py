@@ -63,10 +63,12 @@ def identify(
     apps: Mapping[str, AppConfig],
     tokens: Mapping[str, str],
     peer_uid: int | None = None,
+    more_tokens: Mapping[str, str] | None = None,
 ) -> Caller:
     """Find the calling app or raise Unauthorized / Forbidden.
 
-    `tokens` maps token hash -> app name (config hashes and store hashes merged).
+    `tokens` and then `more_tokens` map token hash -> app name (the config's hashes
+    and the store's).
     """
     token = presented_token(headers)
     if token is None:
@@ -78,7 +80,10 @@ def identify(
             )
         caller = Caller(ANONYMOUS, app)
     else:
-        name = tokens.get(token_hash(token))
+        digest = token_hash(token)
+        name = tokens.get(digest)
+        if name is None and more_tokens is not None:
+            name = more_tokens.get(digest)
         app = apps.get(name) if name is not None else None
         if name is None or app is None:
             raise Unauthorized("unknown or revoked app token")

@@ -18,7 +18,6 @@ import random
 import socket
 import struct
 import time
-from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -224,6 +223,7 @@ class Pipeline:
         self.gates = gates
         self._oauth = oauth
         self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._series: dict[str, tuple[Any, Any]] = {}
 
     async def handle(
         self, request: web.BaseRequest, mode: str, address: ListenAddress | None = None
@@ -275,9 +275,15 @@ class Pipeline:
         check_request(request.headers, request.raw_path, address)
 
         vault = self._vault()
-        tokens = ChainMap(snap.config_tokens, vault.app_tokens())
         uid = peer_uid(request) if address is not None and address.kind == "unix" else None
-        caller = identify(request.headers, request.remote, config.apps, tokens, uid)
+        caller = identify(
+            request.headers,
+            request.remote,
+            config.apps,
+            snap.config_tokens,
+            uid,
+            vault.app_tokens(),
+        )
         ex.app = caller.name
 
         target = resolve(request.raw_path, mode, config.upstreams, snap.hosts)
@@ -302,7 +308,7 @@ class Pipeline:
         attempt = 0  # retries spent on 5xx and connection failures
         after_429 = False
         refreshed = False
-        waited = self.metrics.queue_wait.labels(target.upstream_name)
+        waited, latency = self._upstream_series(target.upstream_name)
         retried = self.metrics.retries
         with self.clients.lease(target.upstream_name, target.upstream) as session:
             while True:
@@ -310,7 +316,9 @@ class Pipeline:
                 await limiter.acquire(
                     caller.name, deadline=deadline, app_limit=grant.rate_limit, retry=after_429
                 )
-                waited.observe(time.monotonic() - queued_at)
+                wait = time.monotonic() - queued_at
+                if wait > 0.0005:  # the histogram describes requests that waited
+                    waited.observe(wait)
                 secret = await credential.value()
                 auth = target.upstream.auth_header
                 headers = request_headers(request.headers, auth.name, auth.prefix + secret.reveal())
@@ -336,9 +344,7 @@ class Pipeline:
                         ).inc()
                         continue
                     raise
-                self.metrics.upstream_seconds.labels(target.upstream_name).observe(
-                    time.perf_counter() - sent_at
-                )
+                latency.observe(time.perf_counter() - sent_at)
                 status = upstream_resp.status
                 if status == 429 and replayable:
                     # The server did not process it: hold, then send the same request again.
@@ -383,6 +389,16 @@ class Pipeline:
             finally:
                 upstream_resp.release()
         return response
+
+    def _upstream_series(self, upstream: str) -> tuple[Any, Any]:
+        """The queue-wait and latency histograms of an upstream, labelled once."""
+        series = self._series.get(upstream)
+        if series is None:
+            series = self._series[upstream] = (
+                self.metrics.queue_wait.labels(upstream),
+                self.metrics.upstream_seconds.labels(upstream),
+            )
+        return series
 
     def _credential(self, vault: Vault, target: Target, needed: str) -> Credential:
         """The least privileged credential that covers `needed` and can be used now."""
