@@ -1309,38 +1309,50 @@ def _app_upstreams(raw: _Raw) -> Iterator[_Issue]:
                 )
 
 
+def _claimed_once(
+    raw: _Raw,
+    section: str,
+    field: str,
+    normalize: Callable[[str], str],
+    clash: Callable[[str, str, str], str],
+) -> Iterator[_Issue]:
+    """Each value of `section.*.field` may belong to one owner only; later claims are issues."""
+    owners: dict[str, tuple[str, Loc]] = {}
+    for name, entry in _items(getattr(raw, section)):
+        for loc, item in _entries(entry.get(field), (section, name, field)):
+            value = _try(normalize, item) if isinstance(item, str) else None
+            if value is None:
+                continue
+            owner, owner_loc = owners.setdefault(value, (name, loc))
+            if owner != name:
+                yield _Issue(loc, clash(value, owner, _where(owner_loc, raw.lines)))
+
+
 def _shared_hosts(raw: _Raw) -> Iterator[_Issue]:
     """A forward-proxy host is an alias of one upstream only."""
-    owners: dict[str, tuple[str, Loc]] = {}
-    for name, upstream in _items(raw.upstreams):
-        for loc, item in _entries(upstream.get("hosts"), ("upstreams", name, "hosts")):
-            host = _try(_normalize_host, item) if isinstance(item, str) else None
-            if host is None:
-                continue
-            owner, owner_loc = owners.setdefault(host, (name, loc))
-            if owner != name:
-                yield _Issue(
-                    loc,
-                    f"host '{host}' is already claimed by upstream '{owner}' "
-                    f"({_where(owner_loc, raw.lines)})",
-                )
+    return _claimed_once(
+        raw,
+        "upstreams",
+        "hosts",
+        _normalize_host,
+        lambda host, owner, where: (
+            f"host '{host}' is already claimed by upstream '{owner}' ({where})"
+        ),
+    )
 
 
 def _shared_tokens(raw: _Raw) -> Iterator[_Issue]:
     """A token identifies exactly one app."""
-    owners: dict[str, tuple[str, Loc]] = {}
-    for app_name, app in _items(raw.apps):
-        for loc, item in _entries(app.get("token_sha256"), ("apps", app_name, "token_sha256")):
-            digest = _try(_normalize_token_hash, item) if isinstance(item, str) else None
-            if digest is None:
-                continue
-            owner, owner_loc = owners.setdefault(digest, (app_name, loc))
-            if owner != app_name:
-                yield _Issue(
-                    loc,
-                    f"app '{owner}' has the same token hash ({_where(owner_loc, raw.lines)}); "
-                    "a token must identify exactly one app",
-                )
+    return _claimed_once(
+        raw,
+        "apps",
+        "token_sha256",
+        _normalize_token_hash,
+        lambda _digest, owner, where: (
+            f"app '{owner}' has the same token hash ({where}); "
+            "a token must identify exactly one app"
+        ),
+    )
 
 
 _CROSS_CHECKS: Final = (

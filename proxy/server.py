@@ -266,6 +266,13 @@ class Daemon:
         self.listeners[key] = Listener(address, mode, runner)
         where = f"upstream {mode}" if mode else "all upstreams"
         log.info("listening on %s (%s)", address, where)
+        if not address.is_loopback():
+            # The config allows this only when every app is bound to allow_from CIDRs.
+            log.warning(
+                "listener %s is reachable from other machines; apps are limited by their "
+                "tokens and allow_from only",
+                address,
+            )
 
     async def _sync_listeners(self) -> None:
         plan = listen_plan(self.snapshot.config)

@@ -35,6 +35,18 @@ def _config(home: Path) -> Path:
     return home / ".config" / "credproxy" / "config.yaml"
 
 
+def _serve(
+    env: dict[str, str], procs: list[DaemonProcess], tmp_path: Path
+) -> tuple[DaemonProcess, str]:
+    """init, free ports in the starter config, `serve` until ready; returns it and the admin address."""
+    _init(env)
+    _listen, admin = free_listeners(_config(Path(env["HOME"])))
+    proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
+    procs.append(proc)
+    proc.wait_ready(f"http://{admin}")
+    return proc, admin
+
+
 def _init(env: dict[str, str]) -> None:
     result = run_cli("init", env=env)
     assert result.returncode == 0, result.stderr
@@ -290,11 +302,7 @@ def test_serve_status_and_clean_stop(
     env: dict[str, str], daemon_procs: list[DaemonProcess], tmp_path: Path
 ) -> None:
     """A running daemon answers `status` with a table; SIGTERM stops it with exit 0."""
-    _init(env)
-    _listen, admin = free_listeners(_config(Path(env["HOME"])))
-    proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
-    daemon_procs.append(proc)
-    proc.wait_ready(f"http://{admin}")
+    proc, admin = _serve(env, daemon_procs, tmp_path)
     result = run_cli("status", env=env)
     assert result.returncode == 0, result.stderr
     assert "aimychats" in result.stdout and "missing" in result.stdout
@@ -308,11 +316,7 @@ def test_store_lock_refuses_second_daemon(
     env: dict[str, str], daemon_procs: list[DaemonProcess], tmp_path: Path
 ) -> None:
     """Two daemons on one store: the second exits 1 with a clear message."""
-    _init(env)
-    _listen, admin = free_listeners(_config(Path(env["HOME"])))
-    proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
-    daemon_procs.append(proc)
-    proc.wait_ready(f"http://{admin}")
+    proc, admin = _serve(env, daemon_procs, tmp_path)
     second = run_cli("serve", env=env, timeout=30)
     assert second.returncode == 1
     assert "another credproxy daemon" in second.stderr
@@ -355,11 +359,7 @@ def test_daemon_is_not_dumpable(
     import json
     import urllib.request
 
-    _init(env)
-    _listen, admin = free_listeners(_config(Path(env["HOME"])))
-    proc = DaemonProcess(["serve"], env, tmp_path / "serve.log")
-    daemon_procs.append(proc)
-    proc.wait_ready(f"http://{admin}")
+    proc, admin = _serve(env, daemon_procs, tmp_path)
     with urllib.request.urlopen(f"http://{admin}/status", timeout=5) as resp:
         status = json.load(resp)
     assert status["process"] == {"dumpable": False, "core_dumps": False}
