@@ -48,6 +48,7 @@ from proxy.errors import CredentialUnavailable
 from proxy.forward import make_ssl_context
 from proxy.logs import redactor
 from proxy.metrics import Metrics
+from proxy.route import OAUTH_CREDENTIAL as OAUTH_CREDENTIAL  # the name in /status and logs
 from proxy.secret import Secret
 from proxy.store import Store, StoreError
 
@@ -67,7 +68,6 @@ __all__ = [
 log = logging.getLogger("credproxy.oauth")
 
 # The OAuth credential's name in /status and access logs (beside the stored API keys' names).
-OAUTH_CREDENTIAL: Final = "oauth"
 
 CredentialState = Literal["ok", "refreshing", "needs_login", "missing"]
 

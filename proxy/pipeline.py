@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -50,11 +50,13 @@ from .guard import check_request
 from .identify import identify
 from .logs import PRE_REDACTED, query_keys, redactor
 from .metrics import Metrics
-from .oauth import OAUTH_CREDENTIAL, TokenManager
-from .route import Target, candidates, resolve
+from .route import OAUTH_CREDENTIAL, Target, candidates, resolve
 from .runtime import Snapshot
 from .secret import Secret
 from .vault import Vault
+
+if TYPE_CHECKING:
+    from .oauth import TokenManager  # imported only where an upstream uses OAuth
 
 access_log = logging.getLogger("credproxy.access")
 log = logging.getLogger("credproxy.pipeline")

@@ -17,6 +17,7 @@ from .config import CredentialRef, UpstreamConfig
 from .errors import BadRequest, CredentialUnavailable, Forbidden, UnknownUpstream
 from .paths import normalise_path, within
 
+OAUTH_CREDENTIAL = "oauth"  # the name an upstream's OAuth grant goes by in /status and logs
 MAIN = ""  # listener mode of the main listener; a dedicated listener's mode is its upstream name
 
 
@@ -112,7 +113,7 @@ def candidates(
     pool = list(upstream.credentials)
     if oauth and upstream.oauth is not None:
         known = frozenset(s for s in upstream.oauth.scopes if s in _SCOPES)
-        pool.append(CredentialRef(name="oauth", scopes=known or frozenset({"admin"})))
+        pool.append(CredentialRef(name=OAUTH_CREDENTIAL, scopes=known or frozenset({"admin"})))
     fitting = [c for c in pool if covers(c.scopes, needed)]
     if not fitting:
         raise CredentialUnavailable(

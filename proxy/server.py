@@ -32,7 +32,6 @@ from .gate import Gates
 from .hardening import file_mode_problems
 from .metrics import Metrics
 from .notify import Notifier
-from .oauth import TokenManager
 from .pipeline import Pipeline
 from .route import MAIN
 from .runtime import Snapshot
@@ -41,6 +40,7 @@ from .vault import Vault
 
 if TYPE_CHECKING:
     from .fleet import Fleet
+    from .oauth import TokenManager
 
 log = logging.getLogger("credproxy")
 
@@ -302,6 +302,8 @@ class Daemon:
                 continue
             manager = self.oauth.get(name)
             if manager is None:
+                from .oauth import TokenManager  # authlib only where OAuth is configured
+
                 shared = None if self.fleet is None else self.fleet.tokens(name)
                 manager = TokenManager(
                     name, upstream, self.store, metrics=self.metrics, shared=shared
