@@ -110,6 +110,13 @@ local valid = tonumber(ARGV[1])
 if valid > 0 and now > valid then return {-2, now, 0, 0} end
 """
 
+# The caller must have joined this epoch of the fleet; its call is a sign of life.
+_MEMBER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return {-1, now, 0, 0} end
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[3], 86400000)
+"""
+
 # Members not heard from within member_ttl_ms: with `instances` configured, those missing from
 # it; otherwise those that stopped without leaving, for forget_ms. Their shares are kept back.
 _ABSENT = """
@@ -130,10 +137,8 @@ end
 _LEASE = (
     _NOW
     + _ALIVE
+    + _MEMBER
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[3] then return {-1, now, 0, 0} end
-redis.call('ZADD', KEYS[3], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[3], 86400000)
 local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
 if hold > now then return {0, now, hold, hold} end
 local want, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -185,11 +190,7 @@ return out
 _HEARTBEAT = (
     _NOW
     + _ALIVE
-    + """
-if redis.call('GET', KEYS[1]) ~= ARGV[3] then return {-1, now, 0, 0} end
-redis.call('ZADD', KEYS[3], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[3], 86400000)
-"""
+    + _MEMBER
     + _ABSENT
     + """
 local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
