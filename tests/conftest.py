@@ -238,6 +238,28 @@ def run_cli(
     )
 
 
+def wait_ready(
+    proc: subprocess.Popen[Any], admin_url: str, log_path: Path | None = None, timeout: float = 20
+) -> None:
+    """Poll the admin /readyz until 200; fail at once if the process exits."""
+
+    def log() -> str:
+        return log_path.read_text() if log_path else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited early: {log()}")
+        try:
+            with urllib.request.urlopen(f"{admin_url}/readyz", timeout=1) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"daemon not ready: {log()}")
+
+
 class DaemonProcess:
     """`credproxy serve` in a child process; stderr captured to a file."""
 
@@ -252,18 +274,7 @@ class DaemonProcess:
         )
 
     def wait_ready(self, admin_url: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited early: {self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{admin_url}/readyz", timeout=1) as resp:  # noqa: S310
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready: {self.log_path.read_text()}")
+        wait_ready(self.proc, admin_url, self.log_path, timeout)
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:

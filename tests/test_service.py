@@ -35,7 +35,7 @@ from proxy.masterkey import CREDENTIAL_NAME
 from proxy.notify import Notifier
 from proxy.sandbox import Sandbox
 from proxy.server import free_port
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_UNIT = ROOT / "systemd" / "credproxy.service"
@@ -611,26 +611,6 @@ async def test_image_command_serves_and_stops_cleanly(tmp_path: Path) -> None:
     records = [json.loads(line) for line in log.splitlines() if line.strip()]
     assert records and all(isinstance(r, dict) for r in records)  # --log-format json
     assert token not in log
-
-
-def wait_ready(proc: subprocess.Popen[Any], admin_url: str, log_path: Path | None = None) -> None:
-    """Poll the admin /readyz until 200; fail at once if the process exits."""
-
-    def log() -> str:
-        return log_path.read_text() if log_path else ""
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early: {log()}")
-        try:
-            with urllib.request.urlopen(f"{admin_url}/readyz", timeout=1) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"not ready: {log()}")
 
 
 # ---- MemoryDenyWriteExecute ------------------------------------------------------------------
