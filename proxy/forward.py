@@ -30,6 +30,12 @@ from .identify import TOKEN_PREFIX
 
 log = logging.getLogger("credproxy.forward")
 
+# Requests per upstream sent and waiting for the head of their answer at once; more wait for
+# a slot (within the connect timeout). Streams hold no slot once their head has come, so this
+# bounds the connections a burst opens (10,000 requests released from a hold) and not the
+# number of open streams, which only the pool size bounds.
+SENDING = 256
+
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the proxy's own and the legacy ones.
 HOP_BY_HOP = frozenset(
     {
@@ -137,7 +143,15 @@ class _StrictConnector(aiohttp.TCPConnector):
     Bytes arriving on an idle keep-alive connection (a late or unsolicited response)
     would otherwise be handed to the next request on it, perhaps another app's
     (aiohttp issue #13656). Such a connection is closed instead of reused.
+
+    `slots` bounds the requests waiting for their answer's head at once (see SENDING): a
+    burst of released requests then reuses a few hundred connections instead of opening
+    thousands, while open streams, whose heads have come, hold no slot.
     """
+
+    def __init__(self, *args: Any, sending: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = asyncio.Semaphore(sending)
 
     async def _get(self, key: Any, traces: list[Any]) -> Any:
         conns = self._conns.get(key)
@@ -166,10 +180,11 @@ class UpstreamClients:
     fresh one, and the old one closes once its last request in flight finishes.
     """
 
-    def __init__(self, *, pool_size: int = 4096) -> None:
+    def __init__(self, *, pool_size: int = 4096, sending: int | None = None) -> None:
         self._pools: dict[str, _Pool] = {}
         self._retired: set[_Pool] = set()
         self._pool_size = pool_size
+        self._sending = SENDING if sending is None else sending
 
     @staticmethod
     def _key(upstream: UpstreamConfig) -> tuple[str, str | None]:
@@ -179,6 +194,7 @@ class UpstreamClients:
         connector = _StrictConnector(
             ssl=make_ssl_context(upstream.ca_bundle),
             limit=self._pool_size,
+            sending=self._sending,
             limit_per_host=0,
             ttl_dns_cache=60,
             keepalive_timeout=30,
@@ -286,16 +302,32 @@ async def send(
     timeout = _client_timeout(upstream.timeouts)
     host = _host_of(upstream)
     streamed = body if isinstance(body, BodyCounter) else None
+    connector = session.connector
+    slots = connector.slots if isinstance(connector, _StrictConnector) else None
     try:
-        return await session.request(
-            method,
-            url,  # type: ignore[arg-type]
-            headers=headers,
-            data=streamed.__aiter__() if streamed is not None else body,
-            allow_redirects=False,
-            timeout=timeout,
-            proxy=None,
-        )
+        if slots is not None and slots.locked():
+            try:
+                async with asyncio.timeout(timeout.connect):
+                    await slots.acquire()
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"no connection to {host} became free in time", reached=False
+                ) from None
+        elif slots is not None:
+            await slots.acquire()
+        try:
+            return await session.request(
+                method,
+                url,  # type: ignore[arg-type]
+                headers=headers,
+                data=streamed.__aiter__() if streamed is not None else body,
+                allow_redirects=False,
+                timeout=timeout,
+                proxy=None,
+            )
+        finally:
+            if slots is not None:
+                slots.release()
     except ProxyError:
         raise
     except aiohttp.ClientConnectorCertificateError as exc:
