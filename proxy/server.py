@@ -62,6 +62,7 @@ class _ProxyRequestHandler(RequestHandler):
     """
 
     _head_timer: asyncio.TimerHandle | None = None
+    _head_since: float | None = None  # loop time the pending request head began to arrive
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -71,13 +72,30 @@ class _ProxyRequestHandler(RequestHandler):
             transport.close()
 
     def data_received(self, data: bytes) -> None:
+        # One timer per connection, not one per request: a request only notes when its
+        # head began; the timer, when it fires, closes the connection if that head is
+        # still incomplete after HEAD_TIMEOUT, or else sleeps until the pending head's own
+        # deadline (or stops, when no head is pending).
         before = self._request_count
-        if data and self._head_timer is None and not self._request_in_progress:
-            self._head_timer = self._loop.call_later(HEAD_TIMEOUT, self._head_too_slow)
+        if data and self._head_since is None and not self._request_in_progress:
+            self._head_since = now = self._loop.time()
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_at(now + HEAD_TIMEOUT, self._head_check)
         super().data_received(data)
-        if self._request_count != before and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._request_count != before:
+            self._head_since = None
+
+    def _head_check(self) -> None:
+        since = self._head_since
+        if since is None:
+            self._head_timer = None  # no head pending: the next one starts a timer
+            return
+        due = since + HEAD_TIMEOUT
+        if self._loop.time() < due:
+            self._head_timer = self._loop.call_at(due, self._head_check)
+            return
+        self._head_timer = None
+        self._head_too_slow()
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -253,9 +271,11 @@ class Daemon:
     async def _open(self, key: str, address: ListenAddress, mode: str) -> None:
         limits = self.snapshot.config.limits
 
-        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        def handler(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            # A plain function handing aiohttp the pipeline's coroutine: no coroutine frame
+            # of its own to resume on every suspension of the request.
             listener = self.listeners[key]
-            return await self.pipeline.handle(request, listener.mode, listener.address)
+            return self.pipeline.handle(request, listener.mode, listener.address)
 
         runner = await start_site(
             address,

@@ -118,3 +118,37 @@ async def test_slow_head_is_cut_off_while_others_flow(daemon: Any, monkeypatch: 
     writer.close()
     assert closed
     assert time.monotonic() - start < 2.5
+
+
+async def test_slow_head_after_a_served_request_is_cut_off(daemon: Any, monkeypatch: Any) -> None:
+    """A kept-alive connection that served a request and then dribbles its next head is closed
+    at that head's deadline (one timer per connection serves every request on it)."""
+    monkeypatch.setattr(proxy.server, "HEAD_TIMEOUT", 0.6)
+    _, d = daemon
+    host, port = d.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head(d, "", method="GET"))
+    await writer.drain()
+    first = await asyncio.wait_for(reader.read(65536), 5)
+    assert first.startswith(b"HTTP/1.1 200"), first[:100]
+    await asyncio.sleep(0.4)  # the first head's timer is still pending; the next starts later
+    writer.write(b"GET /api/echo HTTP/1.1\r\nHost: 127.0.0.1:" + port.encode() + b"\r\n")
+    await writer.drain()
+    start = time.monotonic()
+    closed_after = None
+    while time.monotonic() - start < 3:
+        try:
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(100), 0.05)
+            if data == b"":
+                closed_after = time.monotonic() - start
+                break
+        except (ConnectionError, TimeoutError):
+            if reader.at_eof() or writer.is_closing():
+                closed_after = time.monotonic() - start
+                break
+    writer.close()
+    assert closed_after is not None
+    # Cut at the second head's own deadline, not at the first one's (0.2 s from its start).
+    assert 0.45 < closed_after < 1.5, closed_after
