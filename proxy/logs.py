@@ -153,9 +153,78 @@ class JsonFormatter(logging.Formatter):
         return text if pre else redactor(text)
 
 
+# The handler setup_logging installed: pre-redacted lines may be written to it directly.
+_installed: logging.StreamHandler[TextIO] | None = None
+
+
+def direct_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+    """The handler to write `logger`'s pre-redacted INFO lines to directly, if that is exact.
+
+    That is when the only handler they would reach is the one `setup_logging` installed,
+    with one of our formatters, and no filter or other handler (a test's capture, say)
+    would see the record. Otherwise None: the caller goes through `Logger.handle`.
+    """
+    handler = _installed
+    if handler is None or logger.disabled or not logger.isEnabledFor(logging.INFO):
+        return None
+    root = logging.root
+    node: logging.Logger | None = logger
+    while node is not None and node is not root:
+        if node.handlers or node.filters or not node.propagate:
+            return None
+        node = node.parent
+    handlers = root.handlers
+    if (
+        len(handlers) != 1
+        or handlers[0] is not handler
+        or root.filters
+        or handler.filters
+        or handler.level > logging.INFO
+        or type(handler.formatter) not in (TextFormatter, JsonFormatter)
+    ):
+        return None
+    return handler
+
+
+def write_direct(
+    handler: logging.StreamHandler[TextIO],
+    logger: logging.Logger,
+    message: str,
+    extra: dict[str, Any],
+) -> None:
+    """Write one pre-redacted INFO line of `logger`, exactly as its formatter would."""
+    created = time.time()
+    if type(handler.formatter) is JsonFormatter:
+        doc: dict[str, Any] = {
+            "ts": round(created, 3),
+            "level": "info",
+            "logger": logger.name,
+            "msg": message,
+        }
+        doc.update(extra)
+        line = json.dumps(doc, default=str)
+    else:
+        line = f"{_timestamp(created)} info {logger.name}: {message}"
+    with handler.lock or _NO_LOCK:
+        try:
+            stream = handler.stream
+            stream.write(line + handler.terminator)
+            stream.flush()
+        except Exception:
+            record = logger.makeRecord(
+                logger.name, logging.INFO, "", 0, message, (), None, extra={PRE_REDACTED: True}
+            )
+            handler.handleError(record)
+
+
+_NO_LOCK = threading.RLock()
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Route every logger (ours and aiohttp's) through one redacting handler."""
+    global _installed
     handler = logging.StreamHandler(stream or sys.stderr)
+    _installed = handler
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
