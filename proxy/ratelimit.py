@@ -356,6 +356,30 @@ class Limiter:
 
     # ------------------------------------------------------------------ public
 
+    def try_acquire(
+        self, app: str, *, app_limit: RateLimitConfig | None = None, retry: bool = False
+    ) -> bool:
+        """`acquire`'s path for a request that may go now, without a coroutine or a future.
+
+        True: one unit of budget is spent, exactly as `acquire` would have. False: nothing
+        was spent, and the caller awaits `acquire`, which queues it (or refuses it).
+        With a fleet budget it always says False: asking the shared budget may lease units,
+        so that is left to `acquire` alone.
+        """
+        if self._budget is not None:
+            return False
+        now = self._clock()
+        state = self._app(app, app_limit, now)
+        if self._depth or self._heap or self._stored:
+            self._pump(now)
+        else:
+            self._refresh(now)  # all _pump does with nobody queued, but for _schedule below
+        if (retry or state.live == 0) and self._bound(now, state) <= now + _EPS:
+            self._charge(now, state)
+            self._schedule(now)
+            return True
+        return False
+
     async def acquire(
         self,
         app: str,
