@@ -42,7 +42,7 @@ from proxy.config import Config, RateLimitConfig, StateConfig
 from proxy.errors import ProxyError
 from proxy.logs import redactor
 from proxy.oauth import OAUTH_CREDENTIAL, SharedTokens, ShareUnavailable
-from proxy.ratelimit import FLEET_HOLD, PACE_MARGIN
+from proxy.ratelimit import EPS, FLEET_HOLD, PACE_MARGIN
 from proxy.secret import Secret
 from proxy.store import NONCE_BYTES, _encrypt, _hkdf
 
@@ -279,6 +279,25 @@ for i = 1, #KEYS do
 end
 return 1
 """
+
+# KEYS: log...; ARGV: window_ms per log, then members whose requests reached the upstream by
+# now. Each is counted from now at the earliest (added back if it already left the log), since
+# the upstream counts a request when it arrives, which may be well after it was leased.
+_REACHED = (
+    _NOW
+    + """
+local n = #KEYS
+for i = 1, n do
+  for j = n + 1, #ARGV do
+    local s = redis.call('ZSCORE', KEYS[i], ARGV[j])
+    if (not s) or tonumber(s) < now then redis.call('ZADD', KEYS[i], now, ARGV[j]) end
+  end
+  local keep = tonumber(ARGV[i]) + 60000
+  if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+end
+return 1
+"""
+)
 
 # KEYS: tokens, fence; ARGV: sealed record, generation (0: a login), issued_ms, settle_ms.
 # Takes the record if newer (by generation; a login by age); returns {1, gen} or {0, gen}.
@@ -546,11 +565,15 @@ class FleetBudget:
         self._wake: Callable[[], None] = _noop
         self._hold: Callable[[float, str], None] = _noop_hold
         self._pool: deque[tuple[str, float]] = deque()  # leased units: (member, usable until)
-        self._taken: deque[tuple[str, float, bool]] = deque(maxlen=256)  # (member, t, leased)
+        # Units taken for requests not yet known to have reached the upstream, oldest first:
+        # (member, counted from, leased). Which request holds which unit does not matter, only
+        # that the ones kept are the newest: a reached request settles the oldest.
+        self._open: deque[tuple[str, float, bool]] = deque()
         self._history: deque[tuple[float, str]] = deque()  # own units in the last window
-        self._returns: list[str] = []
+        self._returns: list[str] = []  # leased and never used: removed from the log
+        self._reached: list[str] = []  # used and answered: counted from now in the log
         self._lease_task: asyncio.Task[None] | None = None
-        self._return_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self._retry_at: float | None = None
         self._epoch: str | None = None  # joined under this epoch; None: join first
         self._known_epoch = ""  # the last epoch seen ('' never)
@@ -596,15 +619,18 @@ class FleetBudget:
             return now
         if self._joining:
             return math.inf
+        # The limiter takes a unit for anything due by now + EPS: decide as of then, so an
+        # answer "a hair from now" never lets it take a unit that is not there.
+        due = now + EPS
         if self._local is not None:
-            logs = (log_.ready_at(now) for log_ in self._local.values())
+            logs = (log_.ready_at(due) for log_ in self._local.values())
             return max(self._local_from, *logs)
-        self._expire(now)
+        self._expire(due)
         if self._pool:
             return now
         if self._lease_task is not None:
             return math.inf
-        if self._retry_at is not None and now < self._retry_at:
+        if self._retry_at is not None and due < self._retry_at:
             return self._retry_at
         self._retry_at = None
         self._lease_task = self._fleet.spawn(self._lease(self._want(now, demand)))
@@ -619,25 +645,34 @@ class FleetBudget:
             member = f"{self._fleet.instance}:{next(self._seq)}"
             for log_ in (self._local or {}).values():
                 log_.add(now)
-            self._taken.append((member, now, False))
+            self._open.append((member, now, False))
+            if self._local is None:
+                # Shared, yet nothing leased (ready_at said no unit was due): never sent
+                # unseen by the fleet, it is counted in the log from now.
+                log.debug("fleet: budget %s: a unit taken without a lease", self.tag)
+                self._reached.append(member)
+                self._flush()
             self._history.append((now, member))
             return
         member, until = self._pool.popleft()
-        self._taken.append((member, until, True))
+        self._open.append((member, until, True))
         self._history.append((until, member))  # counted in the log from no later than this
 
     def _forget(self, now: float) -> None:
-        """Drop own entries older than the longest window, and grants older than a lease."""
+        """Drop own entries older than the longest window, and grants older than a lease;
+        stop tracking units taken a whole window ago (their request never said it ended)."""
         longest = max(w.seconds for w in self._wins)
         while self._history and self._history[0][0] <= now - longest:
             self._history.popleft()
+        while self._open and self._open[0][1] <= now - longest:
+            self._open.popleft()
         while self._grants and self._grants[0] < now - LEASE_TTL_MAX:
             self._grants.popleft()
 
     def give_back(self, now: float) -> None:
-        if not self._wins or not self._taken:
+        if not self._wins or not self._open:
             return
-        member, t, leased = self._taken.pop()
+        member, t, leased = self._open.popleft()
         for i in range(len(self._history) - 1, -1, -1):
             if self._history[i][1] == member:
                 del self._history[i]
@@ -649,7 +684,21 @@ class FleetBudget:
             self._pool.appendleft((member, t))
         else:
             self._returns.append(member)
-            self._flush_returns()
+            self._flush()
+
+    def reached(self, now: float) -> None:
+        if not self._wins or not self._open:
+            return
+        member, t, leased = self._open.popleft()
+        self._history.append((now, member))
+        if self._local is not None:
+            for log_ in self._local.values():
+                if not leased:
+                    log_.remove(t)
+                log_.add(now)
+        else:
+            self._reached.append(member)
+            self._flush()
 
     def nth_at(self, now: float, n: int) -> float:
         if not self._wins:
@@ -721,27 +770,33 @@ class FleetBudget:
             self._returns.append(self._pool.popleft()[0])
             expired = True
         if expired:
-            self._flush_returns()
+            self._flush()
 
     def _drop_pool(self) -> None:
         self._returns.extend(member for member, _ in self._pool)
         self._pool.clear()
-        self._flush_returns()
+        self._flush()
 
-    def _flush_returns(self) -> None:
-        if self._returns and self._return_task is None and self._fleet.connected:
-            self._return_task = self._fleet.spawn(self._give_returns())
+    def _flush(self) -> None:
+        """Send returned and reached units to the log, in one task at a time (batched)."""
+        if (self._returns or self._reached) and self._sync_task is None and self._fleet.connected:
+            self._sync_task = self._fleet.spawn(self._sync_log())
 
-    async def _give_returns(self) -> None:
+    async def _sync_log(self) -> None:
         try:
-            while self._returns and self._fleet.connected:
-                members, self._returns = self._returns, []
+            while (self._returns or self._reached) and self._fleet.connected:
                 logs = [self._log_key(w) for w in self._wins]
-                await self._fleet.call(_RETURN, logs, members)
+                if self._returns:
+                    members, self._returns = self._returns, []
+                    await self._fleet.call(_RETURN, logs, members)
+                if self._reached:
+                    members, self._reached = self._reached, []
+                    await self._fleet.call(_REACHED, logs, [*(w.ms for w in self._wins), *members])
         except _Down:
             self._returns.clear()  # left to expire in the log: counted a little too long
+            self._reached.clear()  # counted from when they were leased: re-joining adds them
         finally:
-            self._return_task = None
+            self._sync_task = None
 
     def _log_key(self, w: _Win) -> str:
         return f"{self._fleet.key(self.tag)}log:{w.name}"
@@ -836,8 +891,11 @@ class FleetBudget:
                 os.urandom(8).hex(),
                 hold_ms,
             ]
+            own: dict[str, float] = {}  # a reached unit is there twice: its latest time counts
+            for t, member in self._history:
+                own[member] = max(t, own.get(member, t))
             for w in self._wins:
-                entries = [(t, m, "0") for t, m in self._history if t > now - w.seconds]
+                entries = [(t, m, "0") for m, t in own.items() if t > now - w.seconds]
                 entries += [(t, m, "1") for t, m in self._phantoms.get(w.name, ())]
                 args += [w.ms, len(entries)]
                 for t, member, phantom in entries:
@@ -899,7 +957,7 @@ class FleetBudget:
             at += 1 + QUANTILES
             self._snap[w.name] = (t1, n, [self._fleet.to_local(s) for s in scores])
         self._expire(self._clock())
-        self._flush_returns()
+        self._flush()
 
     def degrade(self) -> None:
         """Redis is unreachable: serve on the local share, counting what the fleet had used."""
@@ -909,6 +967,7 @@ class FleetBudget:
         self._epoch = None
         self._pool.clear()  # leased units stay counted in the fleet's log until they expire
         self._returns.clear()
+        self._reached.clear()
         self._retry_at = None
         self._episode += 1
         # The others count this instance live until MEMBER_TTL after its last contact, and

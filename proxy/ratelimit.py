@@ -28,6 +28,7 @@ from proxy.errors import ProxyError, QueueFull, RateLimitExceeded
 
 __all__ = [
     "BACKOFF_CAP",
+    "EPS",
     "FLEET_HOLD",
     "MAX_HOLD",
     "PACE_MARGIN",
@@ -55,7 +56,7 @@ _EPOCH_FLOOR: Final = 1e9
 # A 429 body larger than this is not parsed for `retry_after`.
 _MAX_BODY: Final = 65_536
 # Timers may fire a hair early; anything due within this is due now.
-_EPS: Final = 1e-6
+EPS: Final = 1e-6
 _REMAINING_ZERO: Final = "X-RateLimit-Remaining: 0"
 # The source of a hold another instance of the fleet started.
 FLEET_HOLD: Final = "another instance of the fleet"
@@ -75,12 +76,20 @@ class SharedBudget(Protocol):
     def reconfigure(self, limit: RateLimitConfig | None) -> None: ...
 
     def ready_at(self, now: float, demand: int) -> float:
-        """When one unit could be taken; math.inf while an answer is pending (then `wake`)."""
+        """When one unit could be taken; math.inf while an answer is pending (then `wake`).
+
+        The limiter takes a unit when this is within EPS of now (timers fire a hair early),
+        so anything it returns at or before now + EPS must mean a unit is there to take."""
         ...
 
     def take(self, now: float) -> None: ...
 
     def give_back(self, now: float) -> None: ...
+
+    def reached(self, now: float) -> None:
+        """A granted request reached the upstream by `now` (its answer came, or sending it
+        failed part way): count it from `now`, since the upstream counts it when it arrives."""
+        ...
 
     def nth_at(self, now: float, n: int) -> float:
         """An estimate of when the n-th of n units asked for now could be taken."""
@@ -374,7 +383,7 @@ class Limiter:
             self._pump(now)
         else:
             self._refresh(now)  # all _pump does with nobody queued, but for _schedule below
-        if (retry or state.live == 0) and self._bound(now, state) <= now + _EPS:
+        if (retry or state.live == 0) and self._bound(now, state) <= now + EPS:
             self._charge(now, state)
             self._schedule(now)
             return True
@@ -403,7 +412,7 @@ class Limiter:
             closed = self._budget.unavailable()
             if closed is not None:
                 raise closed
-        if (retry or state.live == 0) and self._bound(now, state) <= now + _EPS:
+        if (retry or state.live == 0) and self._bound(now, state) <= now + EPS:
             self._charge(now, state)
             self._schedule(now)
             return
@@ -480,6 +489,13 @@ class Limiter:
         self._refund(self._apps.get(app))
         self._pump(self._clock())
 
+    def reached(self) -> None:
+        """A granted request has reached the upstream (an answer came, or sending failed part
+        way). The local windows are paced and need nothing; a fleet budget counts it from now,
+        as late as the upstream can have counted it."""
+        if self._budget is not None:
+            self._budget.reached(self._clock())
+
     def _fleet_hold(self, seconds: float, source: str) -> None:
         """Another instance (or the fleet's record) says the credential is on hold."""
         now = self._clock()
@@ -503,7 +519,7 @@ class Limiter:
     @property
     def hold_until(self) -> float | None:
         """Epoch seconds when the current hold ends; None when not holding."""
-        if self._hold_end is None or self._hold_end <= self._clock() + _EPS:
+        if self._hold_end is None or self._hold_end <= self._clock() + EPS:
             return None
         return self._hold_until
 
@@ -557,7 +573,7 @@ class Limiter:
 
     def _server_known(self, now: float) -> bool:
         return self._remaining is not None and (
-            self._reset_at is None or self._reset_at > now + _EPS
+            self._reset_at is None or self._reset_at > now + EPS
         )
 
     def _upstream_ready(self, now: float) -> float:
@@ -569,7 +585,7 @@ class Limiter:
             t = max(t, self._reset_at)
         for window in self._windows:
             t = max(t, window.ready_at())
-        if self._budget is not None and t <= now + _EPS:
+        if self._budget is not None and t <= now + EPS:
             # Asked only when nothing else holds the request back: asking may lease budget.
             t = max(t, self._budget.ready_at(now, self._depth + 1))
         return t
@@ -616,7 +632,7 @@ class Limiter:
         for window in state.windows:
             t = max(t, window.nth_at(now, state.live + extra))
         wait = t - now
-        if self._hold_end is not None and self._hold_end > now + _EPS:
+        if self._hold_end is not None and self._hold_end > now + EPS:
             message = (
                 f"upstream {self.name} is on hold for {self._hold_end - now:.0f} s more; "
                 "the request could not be sent within its wait budget"
@@ -732,14 +748,14 @@ class Limiter:
 
     def _refresh(self, now: float) -> None:
         """End a hold and forget the server's count once their time has come."""
-        if self._hold_end is not None and self._hold_end <= now + _EPS:
+        if self._hold_end is not None and self._hold_end <= now + EPS:
             log.info(
                 "upstream %s: hold ended after %.1f s",
                 self.name,
                 self._hold_end - self._hold_started,
             )
             self._hold_end = self._hold_until = None
-        if self._reset_at is not None and self._reset_at <= now + _EPS:
+        if self._reset_at is not None and self._reset_at <= now + EPS:
             self._remaining, self._reset, self._reset_at = None, None, None
 
     def _settle(self, waiter: _Waiter) -> None:
@@ -766,7 +782,7 @@ class Limiter:
                 del ring[i]
                 state.ringed = False
                 continue
-            if state.ready_at(now) <= now + _EPS:
+            if state.ready_at(now) <= now + EPS:
                 waiter = queue.popleft()
                 self._stored -= 1
                 del ring[i]
@@ -784,7 +800,7 @@ class Limiter:
         closed = self._budget.unavailable() if self._budget is not None else None
         if closed is not None and self._depth:
             self._fail_all(closed)
-        while self._depth and self._upstream_ready(now) <= now + _EPS:
+        while self._depth and self._upstream_ready(now) <= now + EPS:
             waiter = self._next(now)
             if waiter is None:
                 break

@@ -227,13 +227,6 @@ def _tag(request: Any) -> str:
     return next((v for k, v in request.headers if k.lower() == "x-fleet-tag"), "")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="OPEN (issue 9): under this test's load on 2 cores the sandbox counts 1 to 15 "
-    "requests over the plan in a 3 s window in about 4 runs of 10 (a 429 the fleet should have "
-    "prevented); raising WINDOW_SLACK to 1 s does not remove it, so the cause is not only "
-    "scheduling jitter. Reproduce: python -m pytest tests/test_fleet.py -k plan_budget",
-)
 async def test_fleet_shares_the_plan_budget(
     sandbox: Sandbox, redis_server: RedisServer, start_fleet: Any, client: aiohttp.ClientSession
 ) -> None:

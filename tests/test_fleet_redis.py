@@ -46,7 +46,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 # The least an ACL user needs, as docs/FLEET.md lists it.
 ACL_COMMANDS = (
     "+@scripting +get +set +incr +exists +pttl +del +time +zadd +zrem +zcard +zcount +zrange "
-    "+zremrangebyscore +pexpire +hset +hget +hdel +hmget +publish +subscribe +unsubscribe +ping"
+    "+zscore +zremrangebyscore +pexpire +hset +hget +hdel +hmget +publish +subscribe +unsubscribe +ping"
 )
 QUEUE = QueueConfig(max_size=10_000, max_wait=30)
 KEY = b"m" * 32
@@ -228,6 +228,65 @@ async def test_unused_leases_are_returned(
     assert int(redis_server.cli("zcard", "t:{u/c}:log:per_minute")) == 7
 
 
+def _scores(redis_server: RedisServer, key: str) -> list[float]:
+    """The scores of a log, as seconds on Redis's clock."""
+    out = redis_server.cli("zrange", key, "0", "-1", "withscores").split()
+    return [int(x) / 1000 for x in out[1::2]]
+
+
+def _redis_now(redis_server: RedisServer) -> float:
+    sec, usec = redis_server.cli("time").split()
+    return int(sec) + int(usec) / 1e6
+
+
+@needs_redis
+async def test_a_request_counts_from_its_answer(
+    redis_server: RedisServer, fleets: list[Fleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream counts a request when it arrives, which may be long after its unit was
+    leased (a slow connection): once answered, it is counted in the log from the answer."""
+    monkeypatch.setattr(ratelimit, "WINDOWS", (("per_minute", 30.0), ("per_hour", 3600.0)))
+    fleet = await _fleet(fleets, redis_server.url)
+    limiter = _limiter(fleet, RateLimitConfig(per_minute=200, per_hour=100_000))
+    await limiter.acquire("app", deadline=time.monotonic() + 5)
+    leased_at = _redis_now(redis_server)
+    await asyncio.sleep(0.6)  # the request on its way
+    answered_at = _redis_now(redis_server)
+    limiter.reached()
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if max(_scores(redis_server, "t:{u/c}:log:per_minute")) >= answered_at:
+            break
+    for key in ("t:{u/c}:log:per_minute", "t:{u/c}:log:per_hour"):
+        scores = _scores(redis_server, key)
+        assert max(scores) >= answered_at, (key, scores, leased_at)
+        assert max(scores) < answered_at + 0.5
+
+
+@needs_redis
+async def test_no_unit_is_taken_without_a_lease(
+    redis_server: RedisServer, fleets: list[Fleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the fleet's window is full, a retry due a hair (under EPS) after now is not "now":
+    the limiter, which takes whatever is due within EPS, must not get a unit the fleet never
+    leased. (A timer firing a hair early used to let a whole queue through unseen.)"""
+    monkeypatch.setattr(ratelimit, "WINDOWS", (("per_minute", 30.0), ("per_hour", 3600.0)))
+    fleet = await _fleet(fleets, redis_server.url)
+    budget = fleet.budget("u", "c", RateLimitConfig(per_minute=2, per_hour=100_000))
+    limiter = Limiter("u/c", RateLimitConfig(per_minute=2, per_hour=100_000), QUEUE, budget=budget)
+    for _ in range(2):
+        await limiter.acquire("app", deadline=time.monotonic() + 5)
+    with pytest.raises(RateLimitExceeded):
+        await limiter.acquire("app", deadline=time.monotonic() + 0.3)
+    retry_at = budget._retry_at
+    assert retry_at is not None, "the full window did not set a retry time"
+    now = retry_at - 5e-7
+    assert budget.ready_at(now, 1) > now + ratelimit.EPS  # it asks the fleet instead
+    await asyncio.sleep(0.2)  # that lease is refused: the window is still full
+    assert budget.ready_at(time.monotonic(), 1) > time.monotonic() + 1
+    assert int(redis_server.cli("zcard", "t:{u/c}:log:per_minute")) == 2
+
+
 @needs_redis
 async def test_shares_of_absent_instances_are_kept(
     redis_server: RedisServer, fleets: list[Fleet], monkeypatch: pytest.MonkeyPatch
@@ -380,6 +439,10 @@ async def _exercise(url: str, fleets: list[Fleet], **state: Any) -> None:
         except RateLimitExceeded:
             pass
     assert got == 4
+    for limiter in (la, lb):
+        limiter.reached()  # counted again from the answer (REACHED), like after a real send
+    await asyncio.sleep(0.2)
+    assert a.connected and b.connected, (a.status(), b.status())
     ha, hb = _limiter(a, None, "k2"), _limiter(b, None, "k2")
     await hb.acquire("app", deadline=time.monotonic() + 1)
     await asyncio.sleep(0.2)
