@@ -7,6 +7,7 @@ The credential chosen is the least privileged one that covers the needed scope.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from yarl import URL
@@ -31,8 +32,27 @@ class Target:
     query: str  # raw query string, without "?"
 
     def url(self) -> URL:
-        text = self.upstream.origin + self.path + (f"?{self.query}" if self.query else "")
+        text = _parts(self.upstream)[0] + self.path + (f"?{self.query}" if self.query else "")
         return URL(text, encoded=True)
+
+
+# id(upstream) -> (upstream, origin, base_path): the config's computed properties (each parses
+# base_url) taken once per config object, not on every request. The object is kept in the
+# entry, so an id reused by a later object never matches.
+_PARTS: dict[int, tuple[UpstreamConfig, str, str]] = {}
+
+
+def _parts(upstream: UpstreamConfig) -> tuple[str, str]:
+    entry = _PARTS.get(id(upstream))
+    if entry is None or entry[0] is not upstream:
+        if len(_PARTS) >= 256:  # old config versions' upstreams
+            _PARTS.clear()
+        entry = _PARTS[id(upstream)] = (upstream, upstream.origin, upstream.base_path)
+    return entry[1], entry[2]
+
+
+# The normal form of a path depends on the path alone; an API's paths repeat.
+_normalise = functools.lru_cache(maxsize=1024)(normalise_path)
 
 
 def _split(raw: str) -> tuple[str, str]:
@@ -67,14 +87,15 @@ def _by_prefix(path: str, query: str, upstreams: dict[str, UpstreamConfig]) -> T
             f"no upstream named '{name}': use http://HOST:PORT/<upstream>/<path> "
             f"with one of: {', '.join(sorted(upstreams)) or '(none configured)'}"
         )
-    sub = normalise_path("/" + rest)
-    return Target(name, upstream, upstream.base_path + sub, query)
+    sub = _normalise("/" + rest)
+    return Target(name, upstream, _parts(upstream)[1] + sub, query)
 
 
 def _whole_path(name: str, upstream: UpstreamConfig, path: str, query: str) -> Target:
-    norm = normalise_path(path)
-    if not within(norm, upstream.base_path):
-        raise Forbidden(f"path is outside upstream '{name}' ({upstream.base_path or '/'})")
+    norm = _normalise(path)
+    base_path = _parts(upstream)[1]
+    if not within(norm, base_path):
+        raise Forbidden(f"path is outside upstream '{name}' ({base_path or '/'})")
     return Target(name, upstream, norm, query)
 
 

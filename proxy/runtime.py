@@ -11,7 +11,30 @@ import time
 from dataclasses import dataclass, field
 
 from .authorize import CompiledRule
-from .config import Config
+from .config import SCOPES, Config, CredentialRef
+from .errors import CredentialUnavailable
+from .route import candidates
+
+# (upstream, needed scope, OAuth grant in play) -> credentials that cover it, least privileged first
+CredentialTable = dict[tuple[str, str, bool], tuple[CredentialRef, ...]]
+
+
+def credential_table(config: Config) -> CredentialTable:
+    """`route.candidates` for every upstream and scope, computed once per config version.
+
+    A combination no credential covers is left out: the request path then asks
+    `candidates` itself, which raises the error that says so.
+    """
+    table: CredentialTable = {}
+    for name, upstream in config.upstreams.items():
+        for needed in SCOPES:
+            for oauth in (False, True):
+                try:
+                    refs = candidates(name, upstream, needed, oauth=oauth)
+                except CredentialUnavailable:
+                    continue
+                table[(name, needed, oauth)] = tuple(refs)
+    return table
 
 
 @dataclass(frozen=True)
@@ -24,6 +47,7 @@ class Snapshot:
     hosts: dict[str, str] = field(default_factory=dict)  # forward-proxy host -> upstream
     rules: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
     config_tokens: dict[str, str] = field(default_factory=dict)  # token sha256 -> app
+    credentials: CredentialTable = field(default_factory=dict)  # see credential_table
 
     @classmethod
     def build(cls, config: Config, version: int) -> Snapshot:
@@ -33,4 +57,11 @@ class Snapshot:
             for name, up in config.upstreams.items()
         }
         tokens = {h: name for name, app in config.apps.items() for h in app.token_sha256}
-        return cls(config, version, hosts=hosts, rules=rules, config_tokens=tokens)
+        return cls(
+            config,
+            version,
+            hosts=hosts,
+            rules=rules,
+            config_tokens=tokens,
+            credentials=credential_table(config),
+        )

@@ -1,0 +1,234 @@
+"""The request hot path's shortcuts give exactly the answers of the general code they skip.
+
+The credential table is `route.candidates` computed once per config version, `try_acquire` is
+`acquire` for a request that may go at once, and the access line written directly is the line
+the logging formatter would have written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy import logs
+from proxy.config import SCOPES, QueueConfig, RateLimitConfig, parse_config
+from proxy.errors import CredentialUnavailable, RateLimitExceeded
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline, access_log
+from proxy.ratelimit import Limiter
+from proxy.route import MAIN, candidates, resolve
+from proxy.runtime import Snapshot
+from proxy.secret import Secret
+
+
+def _config(credentials: list[dict[str, Any]], *, oauth: bool = False) -> Any:
+    upstream: dict[str, Any] = {
+        "base_url": "https://api.example.com/v1",
+        "credentials": credentials,
+    }
+    if oauth:
+        upstream["oauth"] = {
+            "grant": "client_credentials",
+            "token_url": "https://api.example.com/oauth/token",
+            "client_id": "c",
+            "client_secret": "oauth-client",
+            "scopes": ["read", "write"],
+        }
+    doc = {
+        "upstreams": {"api": upstream},
+        "apps": {"app": {"upstreams": {"api": {"scopes": ["read", "write", "delete"]}}}},
+    }
+    return parse_config(yaml.safe_dump(doc))
+
+
+CREDENTIALS = [
+    {"name": "k-admin", "scopes": ["admin"]},
+    {"name": "k-rwd", "scopes": ["read", "write", "delete"]},
+    {"name": "k-read", "scopes": ["read"]},
+    {"name": "k-write", "scopes": ["write"]},
+]
+
+
+@pytest.mark.parametrize("oauth", [False, True])
+def test_credential_table_is_candidates(oauth: bool) -> None:
+    """Every (scope, OAuth in play) entry is `candidates`' list; uncovered ones are left out."""
+    config = _config(CREDENTIALS[1:3], oauth=oauth)
+    snap = Snapshot.build(config, 1)
+    upstream = config.upstreams["api"]
+    for needed in SCOPES:
+        for with_oauth in (False, True):
+            try:
+                expected: tuple[Any, ...] | None = tuple(
+                    candidates("api", upstream, needed, oauth=with_oauth)
+                )
+            except CredentialUnavailable:
+                expected = None
+            assert snap.credentials.get(("api", needed, with_oauth)) == expected, (
+                needed,
+                with_oauth,
+            )
+
+
+class _Vault:
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def secret(self, name: str) -> Secret | None:
+        return Secret(f"sk_{name}_000000") if name in self.names else None
+
+
+def _pick(snap: Snapshot, vault: _Vault, needed: str) -> str:
+    pipeline = Pipeline(
+        lambda: snap,
+        lambda: vault,  # type: ignore[arg-type,return-value]
+        None,  # type: ignore[arg-type]
+        Metrics(),
+        None,  # type: ignore[arg-type]
+    )
+    target = resolve("/api/things", MAIN, snap.config.upstreams, snap.hosts)
+    return pipeline._credential(snap, vault, target, needed).name  # type: ignore[arg-type]
+
+
+def test_least_privileged_present_key_across_reloads_and_store_changes() -> None:
+    """The table changes with the config version; presence in the store is asked each time."""
+    vault = _Vault({"k-rwd", "k-admin"})
+    v1 = Snapshot.build(_config(CREDENTIALS[:2]), 1)
+    assert _pick(v1, vault, "read") == "k-rwd"
+    assert _pick(v1, vault, "admin") == "k-admin"
+    v2 = Snapshot.build(_config(CREDENTIALS), 2)  # a reload adds k-read and k-write
+    assert _pick(v2, vault, "read") == "k-rwd"  # not in the store yet
+    vault.names.add("k-read")  # `keys add` while the daemon runs
+    assert _pick(v2, vault, "read") == "k-read"
+    assert _pick(v2, vault, "write") == "k-rwd"
+    vault.names.add("k-write")
+    assert _pick(v2, vault, "write") == "k-write"
+    vault.names.discard("k-read")  # `keys rm`
+    assert _pick(v2, vault, "read") == "k-rwd"
+    with pytest.raises(CredentialUnavailable, match="no credential with the 'admin'"):
+        _pick(Snapshot.build(_config(CREDENTIALS[1:]), 3), vault, "admin")
+    with pytest.raises(CredentialUnavailable, match="credproxy keys add"):
+        _pick(v2, _Vault(set()), "read")
+
+
+# --------------------------------------------------------------------------- limiter
+
+
+def _limiter(per_minute: int) -> Limiter:
+    return Limiter("api/k", RateLimitConfig(per_minute=per_minute), QueueConfig(max_wait=3600.0))
+
+
+async def test_try_acquire_spends_what_acquire_spends() -> None:
+    fast, slow = _limiter(3), _limiter(3)
+    for _ in range(3):
+        assert fast.try_acquire("a")
+        await slow.acquire("a", deadline=1e18)
+    assert fast.snapshot() == slow.snapshot()
+    # The budget binds: nothing is spent, and acquire refuses as it would have.
+    before = fast.snapshot()
+    assert not fast.try_acquire("a")
+    assert fast.snapshot() == before
+    with pytest.raises(RateLimitExceeded):
+        await fast.acquire("a", deadline=0.0)
+
+
+async def test_try_acquire_never_jumps_a_queue() -> None:
+    lim = _limiter(1)
+    assert lim.try_acquire("a")
+    waiter = asyncio.create_task(lim.acquire("a", deadline=1e18))
+    await asyncio.sleep(0)
+    assert lim.depth == 1
+    assert not lim.try_acquire("a")  # its own app has a waiter ahead
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+
+
+def test_try_acquire_leaves_a_fleet_budget_to_acquire() -> None:
+    class Budget:
+        def bind(self, *_a: Any) -> None:
+            pass
+
+    lim = Limiter("api/k", None, QueueConfig(), budget=Budget())  # type: ignore[arg-type]
+    assert not lim.try_acquire("a")
+
+
+# --------------------------------------------------------------------------- access line
+
+
+@pytest.fixture
+def installed() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logs._installed)
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+    logs._installed = saved[2]
+
+
+EXTRA = {
+    "app": "a",
+    "upstream": "api",
+    "method": "GET",
+    "path": "/v1/x",
+    "status": 200,
+    "duration_ms": 1.25,
+    "bytes_in": 0,
+    "bytes_out": 12,
+    "credential": "k-read",
+    "error": None,
+    "retries": 0,
+}
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_direct_access_line_is_the_formatters_line(installed: io.StringIO, fmt: str) -> None:
+    logs.setup_logging("info", fmt, installed)
+    handler = logs.direct_handler(access_log)
+    assert handler is not None
+    message = "GET api /v1/x cred=k-read app=a status=200 1.2ms in=0 out=12"
+    logs.write_direct(handler, access_log, message, dict(EXTRA))
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        "",
+        0,
+        message,
+        (),
+        None,
+        extra={**EXTRA, logs.PRE_REDACTED: True},
+    )
+    access_log.handle(record)
+    direct, generic = installed.getvalue().splitlines()
+    if fmt == "json":
+        a, b = json.loads(direct), json.loads(generic)
+        assert list(a) == list(b)
+        assert abs(a.pop("ts") - b.pop("ts")) < 1
+        assert a == b
+    else:
+        assert direct[20:] == generic[20:]  # the timestamp may have turned a second
+
+
+def test_direct_access_line_only_when_nothing_else_listens(installed: io.StringIO) -> None:
+    logs.setup_logging("info", "text", installed)
+    assert logs.direct_handler(access_log) is not None
+    extra = logging.StreamHandler(io.StringIO())
+    logging.getLogger().addHandler(extra)  # a second listener, as pytest's caplog adds
+    assert logs.direct_handler(access_log) is None
+    logging.getLogger().removeHandler(extra)
+    access_log.addFilter(lambda _r: True)
+    try:
+        assert logs.direct_handler(access_log) is None
+    finally:
+        access_log.filters.clear()
+    logging.getLogger().setLevel(logging.WARNING)
+    assert logs.direct_handler(access_log) is None
