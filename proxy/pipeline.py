@@ -309,13 +309,19 @@ class Pipeline:
                         wait = time.monotonic() - queued_at
                         if wait > 0.0005:  # the histogram describes requests that waited
                             waited.observe(wait)
-                    secret = await credential.value()
+                    try:
+                        secret = await credential.value()
+                    except BaseException:
+                        limiter.release(caller.name)
+                        raise
                     headers = request_headers(headers_in, auth.name, auth.prefix + secret.reveal())
                     sent_at = time.perf_counter()
                     try:
                         upstream_resp = await send(session, method, url, upstream, headers, body)
                     except UpstreamUnreachable as err:
-                        if not err.reached:
+                        if err.reached:
+                            limiter.reached()
+                        else:
                             limiter.release(caller.name)
                         if (
                             replayable
@@ -331,6 +337,10 @@ class Pipeline:
                             ).inc()
                             continue
                         raise
+                    except BaseException:
+                        limiter.reached()  # cancelled or failed mid-send: it may have arrived
+                        raise
+                    limiter.reached()
                     latency.observe(time.perf_counter() - sent_at)
                     status = upstream_resp.status
                     if status == 429 and replayable:
