@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,7 +167,7 @@ class _ProxyServer(web.Server):
 class Listener:
     address: ListenAddress
     mode: str
-    runner: web.BaseRunner
+    runner: web.BaseRunner = field(init=False)  # set once its socket is open
 
 
 def _bind_error(address: ListenAddress, exc: OSError) -> StartupError:
@@ -271,19 +271,23 @@ class Daemon:
     async def _open(self, key: str, address: ListenAddress, mode: str) -> None:
         limits = self.snapshot.config.limits
 
+        # The handler holds its own listener, not a look-up by key: a request may arrive
+        # before the listener is registered (the socket accepts once bound) or on a kept-alive
+        # connection of one that a reload or shutdown has just taken away.
+        listener = Listener(address, mode)
+
         def handler(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
             # A plain function handing aiohttp the pipeline's coroutine: no coroutine frame
             # of its own to resume on every suspension of the request.
-            listener = self.listeners[key]
             return self.pipeline.handle(request, listener.mode, listener.address)
 
-        runner = await start_site(
+        listener.runner = await start_site(
             address,
             handler,
             max_line_size=limits.max_header_bytes,
             max_field_size=limits.max_header_bytes + 1,
         )
-        self.listeners[key] = Listener(address, mode, runner)
+        self.listeners[key] = listener
         where = f"upstream {mode}" if mode else "all upstreams"
         log.info("listening on %s (%s)", address, where)
         if not address.is_loopback():

@@ -78,3 +78,33 @@ async def test_second_signal_exits_at_once(tmp_path, tls_upstream, ca_file, daem
     assert time.monotonic() - start < 2
     assert code == 1
     assert "second stop signal" in proc.log()
+
+
+async def test_a_request_before_the_listener_is_registered_is_served(
+    tls_upstream: Any, start_daemon: Any, ca_file: Path, monkeypatch: Any
+) -> None:
+    """The socket accepts as soon as it is bound: a request that arrives before the daemon
+    has registered the listener is served like any other, not answered 500."""
+    import proxy.server
+
+    real = proxy.server.start_site
+    early: list[tuple[int, str]] = []
+
+    async def start_then_request(address: Any, handler: Any, **kw: Any) -> Any:
+        runner = await real(address, handler, **kw)
+        if not isinstance(handler, aiohttp.web.Application):  # a proxy listener
+            async with (
+                aiohttp.ClientSession(trust_env=False) as session,
+                session.get(f"http://{address}/api/thing") as resp,
+            ):
+                early.append((resp.status, resp.headers.get("X-Credproxy-Error", "")))
+        return runner
+
+    monkeypatch.setattr(proxy.server, "start_site", start_then_request)
+    upstream = await tls_upstream(fake_api())
+    doc = {
+        "upstreams": {"api": upstream_doc(upstream.url, ca_file)},
+        "apps": {"app": {"upstreams": {"api": {"scopes": ["read"]}}}},
+    }
+    await start_daemon(doc, {"key-read": "sk_read_0123456789abcdef"})
+    assert early == [(401, "unauthorized")], early  # no app token: the pipeline's answer
