@@ -62,6 +62,9 @@ LEASE_TTL_MAX: Final = 1.0
 # A lease is at most this many units, and at most this fraction of the smallest window.
 LEASE_MAX: Final = 16
 LEASE_FRACTION: Final = 0.05
+# Reached units are sent to the log in batches gathered for up to this long (or a lease TTL, if
+# shorter): re-counting them is not urgent, it only has to land well within the window.
+REACHED_BATCH: Final = 0.1
 # Budget entries count this much longer than their window (network and scheduling jitter).
 WINDOW_SLACK: Final = 0.25
 # Instances resume after a fleet hold within min(max, fraction * hold) seconds of each other.
@@ -784,7 +787,11 @@ class FleetBudget:
 
     async def _sync_log(self) -> None:
         try:
-            while (self._returns or self._reached) and self._fleet.connected:
+            while (self._returns or self._reached) and self._fleet.connected and self._wins:
+                if not self._returns and len(self._reached) < LEASE_MAX:
+                    await asyncio.sleep(min(REACHED_BATCH, self.lease_ttl))
+                    if not self._fleet.connected or not self._wins:
+                        break
                 logs = [self._log_key(w) for w in self._wins]
                 if self._returns:
                     members, self._returns = self._returns, []
