@@ -9,6 +9,7 @@ secret, whatever a caller passes to it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -153,11 +154,68 @@ class JsonFormatter(logging.Formatter):
         return text if pre else redactor(text)
 
 
+class DaemonHandler(logging.StreamHandler[TextIO]):
+    """The daemon's one handler; it also takes pre-formatted lines (the access lines).
+
+    Lines given to `write_line` are written together at the end of the event loop's
+    current iteration (at once outside a loop, or when 512 are pending), so a busy daemon
+    makes one write for many requests instead of one each. Before any other record, and
+    on flush (at exit, or on a second stop signal), the pending lines go first, so the
+    file keeps the order in which lines were logged.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    @property
+    def json(self) -> bool:
+        return type(self.formatter) is JsonFormatter
+
+    def write_line(self, line: str) -> None:
+        with self.lock or _NO_LOCK:
+            pending = self._pending
+            pending.append(line)
+            if len(pending) == 1:
+                try:
+                    asyncio.get_running_loop().call_soon(self.write_pending)
+                except RuntimeError:
+                    self.write_pending()
+            elif len(pending) >= 512:
+                self.write_pending()
+
+    def write_pending(self) -> None:
+        with self.lock or _NO_LOCK:
+            if not self._pending:
+                return
+            text = self.terminator.join(self._pending) + self.terminator
+            self._pending.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                self.handleError(
+                    logging.LogRecord("credproxy.access", logging.INFO, "", 0, text, (), None)
+                )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:
+            self.write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.write_pending()
+        super().flush()
+
+
+_NO_LOCK = threading.RLock()
+
 # The handler setup_logging installed: pre-redacted lines may be written to it directly.
-_installed: logging.StreamHandler[TextIO] | None = None
+_installed: DaemonHandler | None = None
 
 
-def direct_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | None:
+def direct_handler(logger: logging.Logger) -> DaemonHandler | None:
     """The handler to write `logger`'s pre-redacted INFO lines to directly, if that is exact.
 
     That is when the only handler they would reach is the one `setup_logging` installed,
@@ -187,43 +245,36 @@ def direct_handler(logger: logging.Logger) -> logging.StreamHandler[TextIO] | No
 
 
 def write_direct(
-    handler: logging.StreamHandler[TextIO],
+    handler: DaemonHandler,
     logger: logging.Logger,
     message: str,
-    extra: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write one pre-redacted INFO line of `logger`, exactly as its formatter would."""
+    """Write one pre-redacted INFO line of `logger`, exactly as its formatter would.
+
+    `extra` (the record's extra fields) is needed for JSON only (`handler.json`).
+    """
     created = time.time()
-    if type(handler.formatter) is JsonFormatter:
+    if handler.json:
         doc: dict[str, Any] = {
             "ts": round(created, 3),
             "level": "info",
             "logger": logger.name,
             "msg": message,
         }
-        doc.update(extra)
-        line = json.dumps(doc, default=str)
+        if extra:
+            doc.update(extra)
+        handler.write_line(json.dumps(doc, default=str))
     else:
-        line = f"{_timestamp(created)} info {logger.name}: {message}"
-    with handler.lock or _NO_LOCK:
-        try:
-            stream = handler.stream
-            stream.write(line + handler.terminator)
-            stream.flush()
-        except Exception:
-            record = logger.makeRecord(
-                logger.name, logging.INFO, "", 0, message, (), None, extra={PRE_REDACTED: True}
-            )
-            handler.handleError(record)
-
-
-_NO_LOCK = threading.RLock()
+        handler.write_line(f"{_timestamp(created)} info {logger.name}: {message}")
 
 
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Route every logger (ours and aiohttp's) through one redacting handler."""
     global _installed
-    handler = logging.StreamHandler(stream or sys.stderr)
+    if _installed is not None:
+        _installed.flush()
+    handler = DaemonHandler(stream or sys.stderr)
     _installed = handler
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

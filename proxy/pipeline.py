@@ -487,6 +487,12 @@ class Pipeline:
             f"{ex.method} {ex.upstream} {path} {cred} app={ex.app} status={ex.status} "
             f"{ms:.1f}ms in={ex.bytes_in} out={ex.bytes_out}{tail}"
         )
+        handler = direct_handler(access_log)
+        if handler is not None and not handler.json:
+            # Only the daemon's own handler listens: format and write the line as it would,
+            # without a LogRecord and the generic logging path.
+            write_direct(handler, access_log, message)
+            return
         extra = {
             "app": ex.app,
             "upstream": ex.upstream,
@@ -500,10 +506,7 @@ class Pipeline:
             "error": ex.error,
             "retries": ex.retries,
         }
-        handler = direct_handler(access_log)
         if handler is not None:
-            # Only the daemon's own handler listens: format and write the line as it would,
-            # without a LogRecord and the generic logging path.
             write_direct(handler, access_log, message, extra)
             return
         extra[PRE_REDACTED] = True

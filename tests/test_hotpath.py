@@ -232,3 +232,27 @@ def test_direct_access_line_only_when_nothing_else_listens(installed: io.StringI
         access_log.filters.clear()
     logging.getLogger().setLevel(logging.WARNING)
     assert logs.direct_handler(access_log) is None
+
+
+async def test_direct_lines_are_written_at_the_end_of_the_loop_turn_in_order(
+    installed: io.StringIO,
+) -> None:
+    """Lines written directly in one loop iteration go out together at its end; a record
+    logged the generic way meanwhile comes after them, and flush() writes what is pending."""
+    logs.setup_logging("info", "text", installed)
+    handler = logs.direct_handler(access_log)
+    assert handler is not None
+    logs.write_direct(handler, access_log, "first")
+    logs.write_direct(handler, access_log, "second")
+    assert installed.getvalue() == ""
+    await asyncio.sleep(0)
+    assert [line.split(": ", 1)[1] for line in installed.getvalue().splitlines()] == [
+        "first",
+        "second",
+    ]
+    logs.write_direct(handler, access_log, "third")
+    logging.getLogger("credproxy").warning("then a warning")
+    logs.write_direct(handler, access_log, "fourth")
+    handler.flush()
+    tail = [line.split(": ", 1)[1] for line in installed.getvalue().splitlines()[2:]]
+    assert tail == ["third", "then a warning", "fourth"]
