@@ -30,6 +30,13 @@ _PATTERNS = (
         r"(\"?\s*[:=]\s*\"?)[^\s\"&,}]+"
     ),
 )
+# All three shapes in one pattern (flags scoped to each): a line none of them (nor a
+# secret value) matches anywhere is returned as it is after a single search.
+_SHAPES = "|".join(
+    f"(?{p.pattern[2]}:{p.pattern[4:]})" if p.pattern.startswith("(?i)") else f"(?:{p.pattern})"
+    for p in _PATTERNS
+)
+_ANY_SHAPE = re.compile(_SHAPES)
 
 
 class Redactor:
@@ -39,6 +46,7 @@ class Redactor:
         self._values: set[str] = set()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        self._any: re.Pattern[str] = _ANY_SHAPE  # the secret values or any shape
 
     def add(self, value: str) -> None:
         """Mask `value` from now on, in every spelling a log line may give it.
@@ -70,12 +78,16 @@ class Redactor:
         if pattern is None and self._values:
             with self._lock:
                 ordered = sorted(self._values, key=len, reverse=True)
-                pattern = re.compile("|".join(re.escape(v) for v in ordered))
+                values = "|".join(re.escape(v) for v in ordered)
+                pattern = re.compile(values)
+                self._any = re.compile(f"(?:{values})|{_SHAPES}")
                 self._pattern = pattern
         return pattern
 
     def __call__(self, text: str) -> str:
         pattern = self._compiled()
+        if self._any.search(text) is None:
+            return text  # no pass below would change anything
         if pattern is not None:
             text = pattern.sub(MASK, text)
         text = _PATTERNS[0].sub(lambda m: f"{m.group(1)} {MASK}", text)

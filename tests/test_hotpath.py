@@ -256,3 +256,40 @@ async def test_direct_lines_are_written_at_the_end_of_the_loop_turn_in_order(
     handler.flush()
     tail = [line.split(": ", 1)[1] for line in installed.getvalue().splitlines()[2:]]
     assert tail == ["third", "then a warning", "fourth"]
+
+
+def _four_passes(r: logs.Redactor, text: str) -> str:
+    """The redaction without the one-search shortcut."""
+    pattern = r._compiled()
+    if pattern is not None:
+        text = pattern.sub(logs.MASK, text)
+    text = logs._PATTERNS[0].sub(lambda m: f"{m.group(1)} {logs.MASK}", text)
+    text = logs._PATTERNS[1].sub("cpx_" + logs.MASK, text)
+    return logs._PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}{logs.MASK}", text)
+
+
+def test_redactor_shortcut_changes_nothing() -> None:
+    """A line no pass would change is returned after one search; every other line is
+    redacted by the same passes as before."""
+    r = logs.Redactor()
+    samples = [
+        "/v1/auth/test",
+        "/v1/conversations/123/messages?limit=10",
+        "/v1/x?api_key=abc&b=2",
+        "Authorization: Bearer abc.def",
+        "BASIC dXNlcjpwYXNz",
+        "tok cpx_abcdefghijkl and cpx_short",
+        'PASSWORD: "p" Client_Secret=zz',
+        "path/sk_live_secret_123/x",
+        "sk_live_secret_12",
+        "",
+    ]
+    for text in samples:
+        assert r(text) == _four_passes(r, text), text
+    r.add("sk_live_secret_123")
+    r.add('quo"te\\secret')
+    samples += ['{"k": "quo\\"te\\\\secret"}', "'sk_live_secret_123'"]
+    for text in samples:
+        assert r(text) == _four_passes(r, text), text
+    assert r("path/sk_live_secret_123/x") == "path/[REDACTED]/x"
+    assert r("/v1/auth/test") == "/v1/auth/test"
