@@ -70,12 +70,14 @@ def check_request(
     if len(hosts) != 1:
         raise BadRequest("exactly one Host header is required")
     name, port = split_host(hosts[0])
-    if headers.getall("Origin", []):
+    if "Origin" in headers:
         raise Forbidden(
             "requests from web pages (with an Origin header) are refused: credproxy "
             "serves local programs, not browsers"
         )
-    if any(v.strip().lower() != "none" for v in headers.getall("Sec-Fetch-Site", [])):
+    if "Sec-Fetch-Site" in headers and any(
+        v.strip().lower() != "none" for v in headers.getall("Sec-Fetch-Site")
+    ):
         raise Forbidden(
             "requests from web pages (Sec-Fetch-Site) are refused: credproxy "
             "serves local programs, not browsers"

@@ -36,10 +36,10 @@ def token_hash(token: str) -> str:
 
 def presented_token(headers: CIMultiDictProxy[str]) -> str | None:
     """The app token the request carries, if any (the dedicated header wins)."""
-    values = headers.getall(TOKEN_HEADER, [])
-    if len(values) > 1:
-        raise Unauthorized(f"more than one {TOKEN_HEADER} header")
-    if values:
+    if TOKEN_HEADER in headers:
+        values = headers.getall(TOKEN_HEADER)
+        if len(values) > 1:
+            raise Unauthorized(f"more than one {TOKEN_HEADER} header")
         return values[0].strip()
     auth = headers.getall("Authorization", [])
     if len(auth) == 1:
