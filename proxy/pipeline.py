@@ -284,7 +284,11 @@ class Pipeline:
             if body_exists and headers_in.get("Expect", "").lower() == "100-continue":
                 # Only now, with the app identified and authorised, ask it for the body.
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await _read_body(request, config.limits)
+            body = (
+                await _read_body(request, config.limits)
+                if body_exists or "Content-Length" in headers_in
+                else None  # what _read_body says without a body or a length to check
+            )
             replayable = not isinstance(body, BodyCounter)
             retries = upstream.retries
             attempt = 0  # retries spent on 5xx and connection failures
@@ -310,7 +314,12 @@ class Pipeline:
                         if wait > 0.0005:  # the histogram describes requests that waited
                             waited.observe(wait)
                     try:
-                        secret = await credential.value()
+                        # A stored key's value is at hand: no coroutine for it.
+                        secret = (
+                            credential.secret
+                            if type(credential) is StoredKey
+                            else await credential.value()
+                        )
                     except BaseException:
                         limiter.release(caller.name)
                         raise
