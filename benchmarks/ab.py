@@ -19,6 +19,7 @@ Options --profile NAME writes a cProfile of that variant to /tmp/cprof_NAME.out.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +44,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk cell")
     p.add_argument("--conns", default="16,64")
     p.add_argument("--profile", action="append", default=[], help="variant to run under cProfile")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     p.add_argument("variants", nargs="+", help="name=directory holding proxy/")
     a = p.parse_args()
     conns = [int(c) for c in a.conns.split(",")]
@@ -109,6 +111,8 @@ def main() -> int:
                 )
     finally:
         R.PROCS.stop_all()  # every process also has a parent-death signal
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
