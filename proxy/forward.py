@@ -87,6 +87,35 @@ def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     return named
 
 
+# What a field's name alone decides, per spelling of the name (names only, never values):
+# its lower-case form if the name may pass, "" if the name alone removes the field.
+_REQUEST_NAMES: dict[str, str] = {}
+_RESPONSE_NAMES: dict[str, str] = {}
+_NAMES_KEPT = 4096  # spellings remembered per table; others are decided each time
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _request_name(name: str) -> str:
+    lname = name.lower()
+    passes = lname not in _STRIP_REQUEST and not lname.startswith(_STRIP_REQUEST_PREFIXES)
+    if len(_REQUEST_NAMES) < _NAMES_KEPT:
+        _REQUEST_NAMES[name] = lname if passes else ""
+    return lname if passes else ""
+
+
+def _response_name(name: str) -> str:
+    lname = name.lower()
+    passes = (
+        lname not in HOP_BY_HOP
+        and lname != "content-length"
+        and not lname.startswith("x-credproxy-")
+        and _is_token(name)
+    )
+    if len(_RESPONSE_NAMES) < _NAMES_KEPT:
+        _RESPONSE_NAMES[name] = lname if passes else ""
+    return lname if passes else ""
+
+
 def request_headers(
     incoming: CIMultiDictProxy[str], auth_name: str, auth_value: str
 ) -> CIMultiDict[str]:
@@ -96,13 +125,17 @@ def request_headers(
     `Connection` (or sends itself) can remove or duplicate it. A field carrying an app
     token (`cpx_…`) is never sent on, whatever its name.
     """
-    drop = _STRIP_REQUEST | _connection_named(incoming) | {auth_name.lower()}
+    named = _connection_named(incoming) if "Connection" in incoming else _NO_NAMES
+    auth = auth_name.lower()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lname = name.lower()
+        lname = _REQUEST_NAMES.get(name)
+        if lname is None:
+            lname = _request_name(name)
         if (
-            lname in drop
-            or lname.startswith(_STRIP_REQUEST_PREFIXES)
+            not lname
+            or lname == auth
+            or lname in named
             or (TOKEN_PREFIX in value and _APP_TOKEN.search(value))
         ):
             continue
@@ -111,18 +144,24 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(
+    upstream: CIMultiDictProxy[str], out: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
     """The upstream's headers for the app, minus hop-by-hop ones and any `X-Credproxy-*`.
 
     `X-Credproxy-Error` marks credproxy's own answers; an upstream must not be able to forge it.
     A field whose name is not a token (`Content-Length : 5`, which a lenient parser let
-    through) is dropped: relayed, it would sit beside credproxy's own framing.
+    through) is dropped: relayed, it would sit beside credproxy's own framing. Added to
+    `out` (a response's own headers) when given.
     """
-    drop = HOP_BY_HOP | _connection_named(upstream) | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict()
+    named = _connection_named(upstream) if "Connection" in upstream else _NO_NAMES
+    if out is None:
+        out = CIMultiDict()
     for name, value in upstream.items():
-        lname = name.lower()
-        if lname in drop or lname.startswith("x-credproxy-") or not _is_token(name):
+        lname = _RESPONSE_NAMES.get(name)
+        if lname is None:
+            lname = _response_name(name)
+        if not lname or lname in named:
             continue
         out.add(name, value)
     return out
@@ -367,15 +406,25 @@ async def send(
         raise UpstreamUnreachable(f"request to {host} failed: {type(exc).__name__}") from None
 
 
+def _complete(content: aiohttp.StreamReader) -> bool:
+    """Whether the upstream's whole body has arrived, without error."""
+    return content.is_eof() and content.exception() is None
+
+
 async def start_response(
     request: web.BaseRequest, upstream_resp: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     """Send the upstream's status line and headers to the app."""
     resp = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
-    resp.headers.extend(response_headers(upstream_resp.headers))
+    response_headers(upstream_resp.headers, resp.headers)
     length = upstream_resp.headers.get("Content-Length")
     if length is not None and length.isdigit():
         resp.content_length = int(length)
+    if _complete(upstream_resp.content):
+        # The whole body is already here: the head goes out with it in one write (one
+        # system call, not two) as soon as stream_body runs, with no wait in between. A
+        # body still arriving (a stream) gets its head at once, as before.
+        resp._send_headers_immediately = False
     await resp.prepare(request)
     return resp
 
@@ -386,7 +435,13 @@ async def stream_body(
     """Copy the body chunk by chunk as it arrives (an SSE event is never held back)."""
     sent = 0
     if request.method != "HEAD" and upstream_resp.status not in (204, 304):
-        async for chunk in upstream_resp.content.iter_any():
+        content = upstream_resp.content
+        if _complete(content):
+            # All of it is buffered: one write with the head (see start_response).
+            data = content.read_nowait()
+            await resp.write_eof(data)
+            return len(data)
+        async for chunk in content.iter_any():
             sent += len(chunk)
             await resp.write(chunk)
     await resp.write_eof()

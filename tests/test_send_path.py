@@ -1,0 +1,140 @@
+"""The cheap paths of a proxied request give what the full paths give.
+
+- A complete upstream body goes out in the same write as its head; a stream's head still
+  goes out before its body has come.
+- With the upstream pool full of open streams, a new request is answered upstream_timeout
+  after the connect wait, not left waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.http_writer import StreamWriter
+
+from tests.conftest import upstream_doc
+
+KEY = "sk_sendpath_0123456789abcdef"
+
+# ---------------------------------------------------------------------------- daemon
+
+
+def _doc(url: str, ca_file: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "upstreams": {"api": upstream_doc(url, ca_file, **extra)},
+        "apps": {"app": {"upstreams": {"api": {"scopes": ["read", "write", "delete"]}}}},
+    }
+
+
+async def test_a_complete_body_goes_out_with_its_head_in_one_write(
+    tls_upstream: Any,
+    start_daemon: Any,
+    ca_file: Path,
+    client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    heads: list[bytes] = []
+    write, writelines = StreamWriter._write, StreamWriter._writelines
+
+    def note(data: bytes) -> None:
+        if bytes(data[:9]) == b"HTTP/1.1 ":
+            heads.append(bytes(data))
+
+    def _write(self: StreamWriter, chunk: Any) -> None:
+        note(chunk)
+        write(self, chunk)
+
+    def _writelines(self: StreamWriter, chunks: Any) -> None:
+        chunks = list(chunks)
+        note(b"".join(chunks))
+        writelines(self, chunks)
+
+    async def plain(_request: web.Request) -> web.Response:
+        return web.json_response({"answer": 42})
+
+    app = web.Application()
+    app.router.add_get("/v1/plain", plain)
+    upstream = await tls_upstream(app)
+    d = await start_daemon(_doc(upstream.url, ca_file), {"key-read": KEY})
+    monkeypatch.setattr(StreamWriter, "_write", _write)
+    monkeypatch.setattr(StreamWriter, "_writelines", _writelines)
+    async with client.get(f"{d.url}/api/plain", headers=d.auth()) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"answer": 42}
+    # The upstream's answer and credproxy's: each head carries its whole body.
+    assert len(heads) == 2, heads
+    assert all(h.endswith(b'{"answer": 42}') for h in heads), heads
+
+
+async def test_a_stream_head_goes_out_before_its_body(
+    tls_upstream: Any, start_daemon: Any, ca_file: Path, client: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"")  # the head only
+        await release.wait()
+        await resp.write(b"data: late\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    upstream = await tls_upstream(app)
+    d = await start_daemon(_doc(upstream.url, ca_file), {"key-read": KEY})
+    try:
+        resp = await asyncio.wait_for(client.get(f"{d.url}/api/stream", headers=d.auth()), 5)
+        assert resp.status == 200
+        release.set()
+        assert await asyncio.wait_for(resp.content.read(), 5) == b"data: late\n\n"
+        resp.release()
+    finally:
+        release.set()
+
+
+async def test_a_pool_full_of_open_streams_answers_upstream_timeout(
+    tls_upstream: Any, start_daemon: Any, ca_file: Path, client: aiohttp.ClientSession
+) -> None:
+    """Two connections, both held by open streams: a third request waits for a connection
+    at most the connect wait (connect x 6) and is answered upstream_timeout."""
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await release.wait()
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    upstream = await tls_upstream(app)
+    d = await start_daemon(
+        _doc(upstream.url, ca_file, timeouts={"connect": 0.2}, retries={"max": 0}),
+        {"key-read": KEY},
+    )
+    d.daemon.clients._pool_size = 2  # before the first request creates the pool
+    streams = []
+    try:
+        for _ in range(2):
+            resp = await asyncio.wait_for(client.get(f"{d.url}/api/stream", headers=d.auth()), 5)
+            assert resp.status == 200
+            streams.append(resp)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with client.get(f"{d.url}/api/stream", headers=d.auth()) as resp:
+            assert resp.status == 504
+            assert resp.headers["X-Credproxy-Error"] == "upstream_timeout"
+        assert 1.0 <= loop.time() - started < 4.0  # 0.2 s x 6, no retry
+    finally:
+        release.set()
+        for resp in streams:
+            resp.release()
