@@ -14,8 +14,9 @@ import functools
 import logging
 import re
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,50 @@ def make_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+class Slots:
+    """A counting semaphore whose free path is a plain call: no coroutine, no future.
+
+    `take()` spends a slot if one is free and nobody waits (first come, first served);
+    else the caller awaits `wait()`, which returns holding a slot. `give()` hands a slot
+    to the longest waiter, or frees it.
+    """
+
+    __slots__ = ("_waiters", "free")
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give()  # handed a slot in the tick it was cancelled: pass it on
+            else:
+                fut.cancel()
+                with suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def give(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
 class _StrictConnector(aiohttp.TCPConnector):
     """A connector that never reuses a pooled connection the upstream has spoken on.
 
@@ -190,7 +235,7 @@ class _StrictConnector(aiohttp.TCPConnector):
 
     def __init__(self, *args: Any, sending: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.slots = asyncio.Semaphore(sending)
+        self.slots = Slots(sending)
 
     async def _get(self, key: Any, traces: list[Any]) -> Any:
         conns = self._conns.get(key)
@@ -248,20 +293,28 @@ class UpstreamClients:
         )
         return _Pool(self._key(upstream), session)
 
-    @contextmanager
-    def lease(self, name: str, upstream: UpstreamConfig) -> Iterator[aiohttp.ClientSession]:
+    def acquire(self, name: str, upstream: UpstreamConfig) -> _Pool:
+        """The upstream's pool, counted as in use until `release(pool)` (call it exactly once)."""
         pool = self._pools.get(name)
         if pool is None or pool.key != self._key(upstream):
             if pool is not None:
                 self._retire(pool)
             pool = self._pools[name] = self._new(upstream)
         pool.active += 1
+        return pool
+
+    def release(self, pool: _Pool) -> None:
+        pool.active -= 1
+        if pool.retired and pool.active == 0:
+            self._close_later(pool)
+
+    @contextmanager
+    def lease(self, name: str, upstream: UpstreamConfig) -> Iterator[aiohttp.ClientSession]:
+        pool = self.acquire(name, upstream)
         try:
             yield pool.session
         finally:
-            pool.active -= 1
-            if pool.retired and pool.active == 0:
-                self._close_later(pool)
+            self.release(pool)
 
     def sync(self, upstreams: dict[str, UpstreamConfig]) -> None:
         """Retire the sessions of upstreams that were removed or changed origin/CA."""
@@ -342,18 +395,16 @@ async def send(
     host = _host_of(upstream)
     streamed = body if isinstance(body, BodyCounter) else None
     connector = session.connector
-    slots = connector.slots if isinstance(connector, _StrictConnector) else None
+    slots = connector.slots if type(connector) is _StrictConnector else None
     try:
-        if slots is not None and slots.locked():
+        if slots is not None and not slots.take():
             try:
                 async with asyncio.timeout(timeout.connect):
-                    await slots.acquire()
+                    await slots.wait()
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"no connection to {host} became free in time", reached=False
                 ) from None
-        elif slots is not None:
-            await slots.acquire()
         try:
             return await session.request(
                 method,
@@ -366,7 +417,7 @@ async def send(
             )
         finally:
             if slots is not None:
-                slots.release()
+                slots.give()
     except ProxyError:
         raise
     except aiohttp.ClientConnectorCertificateError as exc:

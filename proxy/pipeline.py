@@ -298,7 +298,9 @@ class Pipeline:
             retried = self.metrics.retries
             auth = upstream.auth_header
             url = target.url()
-            with self.clients.lease(upstream_name, upstream) as session:
+            pool = self.clients.acquire(upstream_name, upstream)
+            session = pool.session
+            try:
                 while True:
                     if not limiter.try_acquire(
                         caller.name, app_limit=grant.rate_limit, retry=after_429
@@ -399,6 +401,8 @@ class Pipeline:
                         self._stream_cut(request, ex, exc)
                 finally:
                     upstream_resp.release()
+            finally:
+                self.clients.release(pool)
         except ProxyError as err:
             ex.error = err.code
             response = render(err)

@@ -1,5 +1,7 @@
 """The cheap paths of a proxied request give what the full paths give.
 
+- The upstream send slots are a plain counter: a free slot is taken without a coroutine,
+  a waiter is handed the next slot, and a cancelled waiter neither keeps nor loses one.
 - A complete upstream body goes out in the same write as its head; a stream's head still
   goes out before its body has come.
 - With the upstream pool full of open streams, a new request is answered upstream_timeout
@@ -17,9 +19,52 @@ import pytest
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
+from proxy.forward import Slots
 from tests.conftest import upstream_doc
 
 KEY = "sk_sendpath_0123456789abcdef"
+
+# ---------------------------------------------------------------------------- slots
+
+
+async def test_slots_hand_over_in_order_and_survive_cancellation() -> None:
+    slots = Slots(1)
+    assert slots.take()
+    assert not slots.take()
+    first = asyncio.create_task(slots.wait())
+    second = asyncio.create_task(slots.wait())
+    await asyncio.sleep(0)
+    slots.give()  # to the first waiter, not freed
+    assert slots.free == 0
+    await asyncio.wait_for(first, 1)
+    # A waiter cancelled before its turn leaves the line; the slot is not lost.
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    slots.give()
+    assert slots.free == 1
+    assert slots.take()
+    # A waiter handed the slot in the tick it is cancelled passes the slot on.
+    third = asyncio.create_task(slots.wait())
+    await asyncio.sleep(0)
+    slots.give()
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    assert slots.free == 1
+    # Nobody waiting and a slot free: a new request does not wait.
+    assert slots.take()
+    assert slots.free == 0
+
+
+async def test_a_timed_out_slot_wait_keeps_the_count() -> None:
+    slots = Slots(1)
+    assert slots.take()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.01):
+            await slots.wait()
+    assert not slots._waiters
+    slots.give()
+    assert slots.take()
+
 
 # ---------------------------------------------------------------------------- daemon
 
