@@ -23,6 +23,8 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from proxy.config import QueueConfig, RateLimitConfig
 from proxy.errors import ProxyError, QueueFull, RateLimitExceeded
 
@@ -216,9 +218,14 @@ def _late(bound: float, deadline: float) -> bool:
     return bound != math.inf and bound > deadline
 
 
+# aiohttp's header types: `get` ignores the case of the name.
+_CASELESS = (CIMultiDict, CIMultiDictProxy)
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is None:
+    if value is None and not isinstance(headers, _CASELESS):
+        # A plain mapping (a test's dict): look for the name in any case.
         lowered = name.lower()
         for key, item in headers.items():
             if key.lower() == lowered:
@@ -456,6 +463,26 @@ class Limiter:
         self, status: int, headers: Mapping[str, str], body: bytes | None = None
     ) -> float | None:
         """Learn from one upstream response; on a 429, hold and return the hold in seconds."""
+        if (
+            status != 429
+            and self._budget is None
+            and not (self._depth or self._heap or self._stored)
+            and _header(headers, "X-RateLimit-Remaining") is None
+        ):
+            # The common answer: no 429, no count from the server, nobody queued and no fleet.
+            # `_observe` would refresh, clear the strikes, find no header to follow and pump
+            # an empty queue; the pump's only work then is `_schedule`, which has nothing to
+            # do without a hold or a timer.
+            now = self._clock()
+            self._refresh(now)
+            self._strikes = 0
+            if self._hold_end is not None or self._timer is not None:
+                self._schedule(now)
+            return None
+        return self._observe(status, headers, body)
+
+    def _observe(self, status: int, headers: Mapping[str, str], body: bytes | None) -> float | None:
+        """`observe` in full: every response may take this path and get the same state."""
         now = self._clock()
         wall = self._wall()
         self._refresh(now)

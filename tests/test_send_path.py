@@ -1,5 +1,7 @@
 """The cheap paths of a proxied request give what the full paths give.
 
+- `Limiter.observe` answers a plain response (no 429, no rate-limit headers, nobody queued)
+  without its full path: the limiter's state must be the same as after the full path.
 - The upstream send slots are a plain counter: a free slot is taken without a coroutine,
   a waiter is handed the next slot, and a cancelled waiter neither keeps nor loses one.
 - A complete upstream body goes out in the same write as its head; a stream's head still
@@ -18,11 +20,121 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.config import QueueConfig, RateLimitConfig
 from proxy.forward import Slots
+from proxy.ratelimit import Limiter
 from tests.conftest import upstream_doc
 
 KEY = "sk_sendpath_0123456789abcdef"
+EPOCH = 1_760_000_000.0
+
+# ---------------------------------------------------------------------------- observe
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return EPOCH + self.now
+
+
+def _state(lim: Limiter) -> tuple[Any, ...]:
+    timer = lim._timer
+    return (
+        lim.snapshot(),
+        lim._strikes,
+        lim._remaining,
+        lim._reset,
+        lim._reset_at,
+        lim._hold_end,
+        lim._hold_until,
+        lim._depth,
+        lim._stored,
+        len(lim._heap),
+        None if timer is None else lim._timer_at,
+        [w.tat for w in lim._windows],
+        {name: [w.tat for w in app.windows] for name, app in lim._apps.items()},
+    )
+
+
+def _headers(pairs: dict[str, str], caseless: bool) -> Any:
+    return CIMultiDictProxy(CIMultiDict(pairs)) if caseless else dict(pairs)
+
+
+# (seconds to move the clock, status, headers): plain answers, the server's count, a count of
+# zero (a hold), a 429 with Retry-After and without, answers during and after holds.
+_SCRIPT: list[tuple[float, int, dict[str, str]]] = [
+    (0.0, 200, {}),
+    (0.1, 200, {"Content-Type": "application/json"}),
+    (0.1, 200, {"X-RateLimit-Remaining": "5", "X-RateLimit-Reset": str(int(EPOCH + 1060))}),
+    (0.1, 200, {}),
+    (0.1, 201, {"x-ratelimit-remaining": "3"}),
+    (0.1, 200, {}),
+    (0.1, 429, {"Retry-After": "2"}),
+    (0.5, 200, {}),  # an answer sent before the hold, arriving during it
+    (2.0, 200, {}),  # after the hold: it ends here
+    (0.1, 429, {}),  # backoff
+    (0.1, 429, {}),  # a second strike
+    (5.0, 204, {}),
+    (0.1, 200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(EPOCH + 1070))}),
+    (1.0, 200, {}),
+    (70.0, 200, {}),  # past the server's reset: its count is forgotten
+    (0.1, 500, {"X-RateLimit-Remaining": "junk"}),
+    (0.1, 200, {}),
+]
+
+
+@pytest.mark.parametrize("caseless", [True, False])
+@pytest.mark.parametrize("limit", [None, RateLimitConfig(per_minute=30)])
+async def test_observe_fast_path_leaves_the_state_the_full_path_leaves(
+    caseless: bool, limit: RateLimitConfig | None
+) -> None:
+    clocks = (_Clock(), _Clock())
+    fast, full = (
+        Limiter("api/k", limit, QueueConfig(max_wait=3600.0), clock=c, wall=c.wall) for c in clocks
+    )
+    taken = 0
+    for move, status, pairs in _SCRIPT:
+        for clock in clocks:
+            clock.now += move
+        for lim in (fast, full):
+            if lim.try_acquire("app"):
+                taken += 1
+            lim.reached()
+        headers = _headers(pairs, caseless)
+        assert fast.observe(status, headers) == full._observe(status, headers, None)
+        assert _state(fast) == _state(full), (move, status, pairs)
+    assert taken > 2  # the script did spend budget on both
+    for lim in (fast, full):
+        if lim._timer is not None:
+            lim._timer.cancel()
+
+
+async def test_observe_with_waiters_takes_the_full_path() -> None:
+    """With someone queued, a plain answer still pumps: the waiter is granted as before."""
+    clock = _Clock()
+    lim = Limiter(
+        "api/k",
+        RateLimitConfig(per_minute=1),
+        QueueConfig(max_wait=3600.0),
+        clock=clock,
+        wall=clock.wall,
+    )
+    assert lim.try_acquire("a")
+    waiter = asyncio.create_task(lim.acquire("a", deadline=clock.now + 3600))
+    await asyncio.sleep(0)
+    assert lim.depth == 1
+    clock.now += 61.0
+    lim.observe(200, CIMultiDictProxy(CIMultiDict()))
+    await asyncio.wait_for(waiter, 1)
+    assert lim.depth == 0
+
 
 # ---------------------------------------------------------------------------- slots
 
