@@ -15,7 +15,7 @@ import logging
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +81,22 @@ def _is_token(name: str) -> bool:
     return _TOKEN.match(name) is not None
 
 
-def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    named: set[str] = set()
+def _connection_tokens(value: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+# The values nearly every message carries, split once (no value a message sends is kept).
+_COMMON_CONNECTION = {
+    v: _connection_tokens(v) for v in ("keep-alive", "Keep-Alive", "close", "Close")
+}
+
+
+def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """The field names a message's `Connection` header lists."""
+    named: frozenset[str] = frozenset()
     for value in headers.getall("Connection", []):
-        named.update(t.strip().lower() for t in value.split(",") if t.strip())
+        tokens = _COMMON_CONNECTION.get(value)
+        named |= _connection_tokens(value) if tokens is None else tokens
     return named
 
 
@@ -237,7 +249,8 @@ class _StrictConnector(aiohttp.TCPConnector):
         super().__init__(*args, **kwargs)
         self.slots = Slots(sending)
 
-    async def _get(self, key: Any, traces: list[Any]) -> Any:
+    def _get(self, key: Any, traces: list[Any]) -> Coroutine[Any, Any, Any]:
+        # A plain method handing back aiohttp's own coroutine: no coroutine frame of its own.
         conns = self._conns.get(key)
         # aiohttp reuses from the left: drop spoken-on connections until a clean one leads.
         while conns and conns[0][0].should_close:
@@ -245,7 +258,7 @@ class _StrictConnector(aiohttp.TCPConnector):
             proto.close()
         if conns is not None and not conns:
             del self._conns[key]
-        return await super()._get(key, traces)
+        return super()._get(key, traces)
 
 
 @dataclass(eq=False)
@@ -296,7 +309,7 @@ class UpstreamClients:
     def acquire(self, name: str, upstream: UpstreamConfig) -> _Pool:
         """The upstream's pool, counted as in use until `release(pool)` (call it exactly once)."""
         pool = self._pools.get(name)
-        if pool is None or pool.key != self._key(upstream):
+        if pool is None or pool.key != _facts(upstream)[1]:
             if pool is not None:
                 self._retire(pool)
             pool = self._pools[name] = self._new(upstream)
@@ -370,6 +383,28 @@ def _host_of(upstream: UpstreamConfig) -> str:
     return upstream.origin.split("://", 1)[1]
 
 
+# id(upstream) -> (upstream, pool key, host, client timeout): what a request needs of its
+# upstream's config (`origin` parses base_url; a pydantic model hashes field by field), taken
+# once per config object. The object is kept in the entry, so a reused id never matches.
+_FACTS: dict[int, tuple[UpstreamConfig, tuple[str, str | None], str, aiohttp.ClientTimeout]] = {}
+
+
+def _facts(
+    upstream: UpstreamConfig,
+) -> tuple[UpstreamConfig, tuple[str, str | None], str, aiohttp.ClientTimeout]:
+    entry = _FACTS.get(id(upstream))
+    if entry is None or entry[0] is not upstream:
+        if len(_FACTS) >= 256:  # old config versions' upstreams
+            _FACTS.clear()
+        entry = _FACTS[id(upstream)] = (
+            upstream,
+            UpstreamClients._key(upstream),
+            _host_of(upstream),
+            _client_timeout(upstream.timeouts),
+        )
+    return entry
+
+
 @functools.lru_cache(maxsize=64)
 def _client_timeout(t: TimeoutsConfig) -> aiohttp.ClientTimeout:
     # connect: the wait for a pool slot plus the connection, so no request waits forever
@@ -391,8 +426,7 @@ async def send(
     Failures before the connection was established are marked `reached=False`: the
     request provably never reached the server, so any method may be tried again.
     """
-    timeout = _client_timeout(upstream.timeouts)
-    host = _host_of(upstream)
+    _upstream, _key, host, timeout = _facts(upstream)
     streamed = body if isinstance(body, BodyCounter) else None
     connector = session.connector
     slots = connector.slots if type(connector) is _StrictConnector else None

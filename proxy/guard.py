@@ -57,9 +57,18 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=64)
+# id(address) -> (address, is loopback): a pydantic model hashes field by field, so the answer
+# is kept per listener object. The object is kept in the entry, so a reused id never matches.
+_LOOPBACK: dict[int, tuple[ListenAddress, bool]] = {}
+
+
 def _loopback_listener(address: ListenAddress) -> bool:
-    return address.is_loopback()
+    entry = _LOOPBACK.get(id(address))
+    if entry is None or entry[0] is not address:
+        if len(_LOOPBACK) >= 64:
+            _LOOPBACK.clear()
+        entry = _LOOPBACK[id(address)] = (address, address.is_loopback())
+    return entry[1]
 
 
 def check_request(
