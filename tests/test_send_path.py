@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +297,20 @@ async def test_a_pool_full_of_open_streams_answers_upstream_timeout(
         release.set()
         for resp in streams:
             resp.release()
+
+
+# ---------------------------------------------------------------------------- gc
+
+
+def test_the_serving_process_freezes_start_up_objects_and_collects_young_ones_less_often() -> None:
+    """`Daemon.run` tunes the collector of the serving process only (checked in a child
+    process: a test process must keep its own collector settings)."""
+    code = (
+        "import gc; from proxy.server import GC_THRESHOLD, tune_gc; tune_gc(); "
+        "assert gc.get_threshold() == GC_THRESHOLD, gc.get_threshold(); "
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count(); print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
