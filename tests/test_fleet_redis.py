@@ -52,11 +52,18 @@ QUEUE = QueueConfig(max_size=10_000, max_wait=30)
 KEY = b"m" * 32
 
 
+# The shortened "minute": the plan's window, as the API counts it. The fleet counts each entry
+# for W' = MINUTE * (1 + PACE_MARGIN) + WINDOW_SLACK; the slack is there for the jitter between
+# a grant and its arrival, which the tests' own recording of grant times has too (a worker on a
+# busy machine notes its grant late), so the plan is checked on MINUTE, as the API would.
+MINUTE = 1.0
+
+
 @pytest.fixture
 def short_window(monkeypatch: pytest.MonkeyPatch) -> float:
     """A 1 s "minute", so that a window passes quickly; returns the fleet's W'."""
-    monkeypatch.setattr(ratelimit, "WINDOWS", (("per_minute", 1.0), ("per_hour", 3600.0)))
-    return 1.0 * (1 + ratelimit.PACE_MARGIN) + 0.25
+    monkeypatch.setattr(ratelimit, "WINDOWS", (("per_minute", MINUTE), ("per_hour", 3600.0)))
+    return MINUTE * (1 + ratelimit.PACE_MARGIN) + 0.25
 
 
 @pytest.fixture
@@ -207,7 +214,7 @@ async def test_instances_share_one_sliding_window(
     start = time.monotonic()
     await _saturate(limiters, start + 3 * short_window, sent)
     times = [t for t, _ in sent]
-    assert max_in_window(times, short_window) == 30
+    assert max_in_window(times, MINUTE) == 30
     assert len(sent) >= 30 * 3
     assert {i for _, i in sent} == {0, 1, 2}
 
@@ -353,10 +360,10 @@ async def test_redis_outage_local_share_and_rejoin_without_burst(
     local: list[tuple[float, int]] = []
     await asyncio.gather(chaos(), _saturate(limiters, until, sent, local=local))
     times = [t for t, _ in sent]
-    assert max_in_window(times, short_window) <= 30
+    assert max_in_window(times, MINUTE) <= 30
     assert local, "nothing was served on the local share"
     for i in range(3):
-        assert max_in_window([t for t, j in local if j == i], short_window) <= 10
+        assert max_in_window([t for t, j in local if j == i], MINUTE) <= 10
     after = [t for t, _ in sent if t > marks["up"] + short_window]
     assert len(after) >= 20, "the fleet did not take its budget back"
     assert [lim.snapshot()["fleet"]["mode"] for lim in limiters] == ["shared"] * 3
