@@ -199,6 +199,17 @@ def upstream_doc(url: str, ca_file: Path, **extra: Any) -> dict[str, Any]:
     return doc
 
 
+def api_doc(
+    url: str, ca_file: Path, scopes: list[str] | None = None, **upstream: Any
+) -> dict[str, Any]:
+    """A config with one upstream, `api` (upstream_doc, plus `upstream`), and one app, `app`,
+    granted `scopes` on it (read, write and delete unless given)."""
+    return {
+        "upstreams": {"api": upstream_doc(url, ca_file, **upstream)},
+        "apps": {"app": {"upstreams": {"api": {"scopes": scopes or ["read", "write", "delete"]}}}},
+    }
+
+
 @pytest.fixture
 def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):

@@ -12,7 +12,7 @@ import trustme
 from aiohttp import web
 
 from proxy.server import free_port
-from tests.conftest import upstream_doc
+from tests.conftest import api_doc
 from tests.fakeapi import GZIP_BODY, fake_api
 
 READ_KEY = "sk_read_0123456789abcdef"
@@ -20,16 +20,9 @@ RW_KEY = "sk_rw_fedcba9876543210"
 SECRETS = {"key-read": READ_KEY, "key-rw": RW_KEY}
 
 
-def _doc(url: str, ca_file: Path, scopes: list[str] | None = None, **up: Any) -> dict[str, Any]:
-    return {
-        "upstreams": {"api": upstream_doc(url, ca_file, **up)},
-        "apps": {"app": {"upstreams": {"api": {"scopes": scopes or ["read", "write", "delete"]}}}},
-    }
-
-
 async def _setup(tls_upstream: Any, start_daemon: Any, ca_file: Path, **up: Any) -> Any:
     upstream = await tls_upstream(fake_api())
-    running = await start_daemon(_doc(upstream.url, ca_file, **up), SECRETS)
+    running = await start_daemon(api_doc(upstream.url, ca_file, **up), SECRETS)
     return upstream, running
 
 
@@ -177,7 +170,7 @@ async def test_untrusted_certificate_refused(tls_upstream, start_daemon, ca_file
     """An upstream whose certificate does not chain to a trusted CA: 502 that says so, nothing sent."""
     other = trustme.CA()
     upstream = await tls_upstream(fake_api(), cert_ca=other)
-    d = await start_daemon(_doc(upstream.url, ca_file), SECRETS)
+    d = await start_daemon(api_doc(upstream.url, ca_file), SECRETS)
     async with client.get(f"{d.url}/api/echo", headers=d.auth()) as resp:
         assert resp.status == 502
         assert resp.headers["X-Credproxy-Error"] == "upstream_unreachable"
@@ -265,7 +258,7 @@ async def test_stall_mid_stream_cuts_the_connection(tls_upstream, start_daemon, 
 async def test_unreachable_upstream_gives_502(start_daemon, ca_file, client):
     """Nothing listening upstream: 502 upstream_unreachable in the JSON envelope."""
     port = free_port()
-    d = await start_daemon(_doc(f"https://127.0.0.1:{port}", ca_file), SECRETS)
+    d = await start_daemon(api_doc(f"https://127.0.0.1:{port}", ca_file), SECRETS)
     async with client.get(f"{d.url}/api/echo", headers=d.auth()) as resp:
         assert resp.status == 502
         doc = await resp.json()
@@ -275,7 +268,7 @@ async def test_unreachable_upstream_gives_502(start_daemon, ca_file, client):
 async def test_body_over_limit_is_413(tls_upstream, start_daemon, ca_file, client):
     """A declared body over limits.max_body_bytes is refused before anything is sent."""
     upstream = await tls_upstream(fake_api())
-    doc = _doc(upstream.url, ca_file)
+    doc = api_doc(upstream.url, ca_file)
     doc["limits"] = {"max_body_bytes": 1000}
     d = await start_daemon(doc, SECRETS)
     async with client.post(f"{d.url}/api/upload", headers=d.auth(), data=b"x" * 5000) as resp:
@@ -287,7 +280,7 @@ async def test_body_over_limit_is_413(tls_upstream, start_daemon, ca_file, clien
 async def test_missing_credential_is_503(tls_upstream, start_daemon, ca_file, client):
     """A credential named in the config but absent from the store: 503 credential_unavailable."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file), {})
+    d = await start_daemon(api_doc(upstream.url, ca_file), {})
     async with client.get(f"{d.url}/api/echo", headers=d.auth()) as resp:
         assert resp.status == 503
         doc = await resp.json()
@@ -305,7 +298,7 @@ async def test_key_added_while_running_is_used(
     from proxy.store import Store
 
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file), {})
+    d = await start_daemon(api_doc(upstream.url, ca_file), {})
     async with client.get(f"{d.url}/api/echo", headers=d.auth()) as resp:
         assert resp.status == 503
     with Store.open(d.store.path, load_key_file(key_env)) as cli_store:

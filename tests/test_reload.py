@@ -13,17 +13,10 @@ import aiohttp
 import yaml
 
 from proxy.server import free_port
-from tests.conftest import start_user_daemon, upstream_doc, write_config
+from tests.conftest import api_doc, start_user_daemon, write_config
 from tests.fakeapi import fake_api
 
 KEYS = {"key-read": "sk_read_0000000000", "key-rw": "sk_rw_1111111111111"}
-
-
-def _doc(url: str, ca_file: Path, scopes: list[str]) -> dict[str, Any]:
-    return {
-        "upstreams": {"api": upstream_doc(url, ca_file)},
-        "apps": {"app": {"upstreams": {"api": {"scopes": scopes}}}},
-    }
 
 
 async def _until(check: Any, timeout: float = 3.0) -> float:
@@ -57,7 +50,7 @@ async def _post_allowed(client: aiohttp.ClientSession, d: Any) -> bool:
 async def test_reload_by_edit_and_by_rename(tls_upstream, start_daemon, ca_file, client) -> None:
     """An in-place edit and an editor-style write+rename both take effect within 3 s."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file, ["read"]), KEYS, watch=True)
+    d = await start_daemon(api_doc(upstream.url, ca_file, ["read"]), KEYS, watch=True)
     assert not await _post_allowed(client, d)
     doc = yaml.safe_load(d.config_path.read_text())
     doc["apps"]["app"]["upstreams"]["api"]["scopes"] = ["read", "write"]
@@ -79,7 +72,7 @@ async def test_reload_by_configmap_symlink_swap(
 ) -> None:
     """A Kubernetes-style `..data` symlink swap is picked up like an edit."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file, ["read"]), KEYS)
+    d = await start_daemon(api_doc(upstream.url, ca_file, ["read"]), KEYS)
     # Lay out the ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> ..v1
     vol = tmp_path / "cm"
     (vol / "..v1").mkdir(parents=True)
@@ -106,7 +99,7 @@ async def test_reload_by_configmap_symlink_swap(
 async def test_invalid_reload_keeps_old_config(tls_upstream, start_daemon, ca_file, client) -> None:
     """A broken new version changes nothing; /status shows the failed attempt with its line."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file, ["read", "write"]), KEYS, watch=True)
+    d = await start_daemon(api_doc(upstream.url, ca_file, ["read", "write"]), KEYS, watch=True)
     good = d.config_path.read_text()
     d.config_path.write_text(
         good.replace(f"base_url: {upstream.url}/v1", "base_url: http://insecure.example/v1")
@@ -135,7 +128,7 @@ async def test_post_reload_and_listener_changes(
 ) -> None:
     """POST /reload applies a new version: a new dedicated listener opens, a removed one closes, pools survive."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file, ["read"]), KEYS)
+    d = await start_daemon(api_doc(upstream.url, ca_file, ["read"]), KEYS)
     async with client.get(f"{d.url}/api/echo", headers=d.auth()) as resp:
         assert resp.status == 200
     session_before = d.daemon.clients._pools["api"].session
@@ -169,7 +162,7 @@ async def test_post_reload_and_listener_changes(
 async def test_stream_survives_reload(tls_upstream, start_daemon, ca_file, client) -> None:
     """A long SSE stream started before a reload runs to its end under the old version."""
     upstream = await tls_upstream(fake_api())
-    d = await start_daemon(_doc(upstream.url, ca_file, ["read"]), KEYS)
+    d = await start_daemon(api_doc(upstream.url, ca_file, ["read"]), KEYS)
     events = 0
     async with client.get(f"{d.url}/api/sse?n=6&interval=0.25", headers=d.auth()) as resp:
         assert resp.status == 200
@@ -190,7 +183,7 @@ async def test_sighup_reloads_a_running_daemon(
 ) -> None:
     """SIGHUP to `credproxy serve` reloads its config; the metrics count the reload."""
     upstream = await tls_upstream(fake_api())
-    doc = _doc(upstream.url, ca_file, ["read"])
+    doc = api_doc(upstream.url, ca_file, ["read"])
     d = await start_user_daemon(tmp_path, daemon_procs, doc, KEYS)
     proc, cfg, headers = d.proc, d.config, d.auth()
     listen, admin = d.url.removeprefix("http://"), d.admin_url.removeprefix("http://")

@@ -6,8 +6,6 @@
   a waiter is handed the next slot, and a cancelled waiter neither keeps nor loses one.
 - A complete upstream body goes out in the same write as its head; a stream's head still
   goes out before its body has come.
-- With the upstream pool full of open streams, a new request is answered upstream_timeout
-  after the connect wait, not left waiting.
 """
 
 from __future__ import annotations
@@ -27,23 +25,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import QueueConfig, RateLimitConfig
 from proxy.forward import Slots
 from proxy.ratelimit import Limiter
-from tests.conftest import upstream_doc
+from tests.conftest import api_doc
+from tests.test_ratelimit import EPOCH, FakeClock
 
 KEY = "sk_sendpath_0123456789abcdef"
-EPOCH = 1_760_000_000.0
 
 # ---------------------------------------------------------------------------- observe
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return EPOCH + self.now
 
 
 def _state(lim: Limiter) -> tuple[Any, ...]:
@@ -97,7 +84,7 @@ _SCRIPT: list[tuple[float, int, dict[str, str]]] = [
 async def test_observe_fast_path_leaves_the_state_the_full_path_leaves(
     caseless: bool, limit: RateLimitConfig | None
 ) -> None:
-    clocks = (_Clock(), _Clock())
+    clocks = (FakeClock(), FakeClock())
     fast, full = (
         Limiter("api/k", limit, QueueConfig(max_wait=3600.0), clock=c, wall=c.wall) for c in clocks
     )
@@ -120,7 +107,7 @@ async def test_observe_fast_path_leaves_the_state_the_full_path_leaves(
 
 async def test_observe_with_waiters_takes_the_full_path() -> None:
     """With someone queued, a plain answer still pumps: the waiter is granted as before."""
-    clock = _Clock()
+    clock = FakeClock()
     lim = Limiter(
         "api/k",
         RateLimitConfig(per_minute=1),
@@ -183,13 +170,6 @@ async def test_a_timed_out_slot_wait_keeps_the_count() -> None:
 # ---------------------------------------------------------------------------- daemon
 
 
-def _doc(url: str, ca_file: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "upstreams": {"api": upstream_doc(url, ca_file, **extra)},
-        "apps": {"app": {"upstreams": {"api": {"scopes": ["read", "write", "delete"]}}}},
-    }
-
-
 async def test_a_complete_body_goes_out_with_its_head_in_one_write(
     tls_upstream: Any,
     start_daemon: Any,
@@ -219,7 +199,7 @@ async def test_a_complete_body_goes_out_with_its_head_in_one_write(
     app = web.Application()
     app.router.add_get("/v1/plain", plain)
     upstream = await tls_upstream(app)
-    d = await start_daemon(_doc(upstream.url, ca_file), {"key-read": KEY})
+    d = await start_daemon(api_doc(upstream.url, ca_file), {"key-read": KEY})
     monkeypatch.setattr(StreamWriter, "_write", _write)
     monkeypatch.setattr(StreamWriter, "_writelines", _writelines)
     async with client.get(f"{d.url}/api/plain", headers=d.auth()) as resp:
@@ -247,7 +227,7 @@ async def test_a_stream_head_goes_out_before_its_body(
     app = web.Application()
     app.router.add_get("/v1/stream", stream)
     upstream = await tls_upstream(app)
-    d = await start_daemon(_doc(upstream.url, ca_file), {"key-read": KEY})
+    d = await start_daemon(api_doc(upstream.url, ca_file), {"key-read": KEY})
     try:
         resp = await asyncio.wait_for(client.get(f"{d.url}/api/stream", headers=d.auth()), 5)
         assert resp.status == 200
@@ -256,47 +236,6 @@ async def test_a_stream_head_goes_out_before_its_body(
         resp.release()
     finally:
         release.set()
-
-
-async def test_a_pool_full_of_open_streams_answers_upstream_timeout(
-    tls_upstream: Any, start_daemon: Any, ca_file: Path, client: aiohttp.ClientSession
-) -> None:
-    """Two connections, both held by open streams: a third request waits for a connection
-    at most the connect wait (connect x 6) and is answered upstream_timeout."""
-    release = asyncio.Event()
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b"data: first\n\n")
-        await release.wait()
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_get("/v1/stream", stream)
-    upstream = await tls_upstream(app)
-    d = await start_daemon(
-        _doc(upstream.url, ca_file, timeouts={"connect": 0.2}, retries={"max": 0}),
-        {"key-read": KEY},
-    )
-    d.daemon.clients._pool_size = 2  # before the first request creates the pool
-    streams = []
-    try:
-        for _ in range(2):
-            resp = await asyncio.wait_for(client.get(f"{d.url}/api/stream", headers=d.auth()), 5)
-            assert resp.status == 200
-            streams.append(resp)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        async with client.get(f"{d.url}/api/stream", headers=d.auth()) as resp:
-            assert resp.status == 504
-            assert resp.headers["X-Credproxy-Error"] == "upstream_timeout"
-        assert 1.0 <= loop.time() - started < 4.0  # 0.2 s x 6, no retry
-    finally:
-        release.set()
-        for resp in streams:
-            resp.release()
 
 
 # ---------------------------------------------------------------------------- gc
