@@ -274,6 +274,14 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return path
 
 
+def _existing_file(value: Path, info: ValidationInfo) -> Path:
+    """`_resolve_path`, which must name a file that exists."""
+    path = _resolve_path(value, info)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
 def _checked(found: list[tuple[Loc, str]]) -> None:
     """Raise the problems a model finds in itself (the loader reports them with exact paths)."""
     if found:
@@ -646,12 +654,7 @@ class UpstreamConfig(BaseModel):
     @field_validator("ca_bundle")
     @classmethod
     def _ca_bundle(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve_path(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
+        return None if value is None else _existing_file(value, info)
 
     @field_validator("credentials")
     @classmethod
@@ -797,12 +800,7 @@ class StateConfig(BaseModel):
     @field_validator("ca_bundle")
     @classmethod
     def _ca_bundle(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve_path(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
+        return None if value is None else _existing_file(value, info)
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
