@@ -1419,6 +1419,8 @@ class Fleet:
             try:
                 pubsub = self._client.pubsub()
             except (AttributeError, NotImplementedError):
+                # The asyncio RedisCluster of redis-py 5.0.1 (pyproject's floor) has no pubsub()
+                # (8.1 has): holds and token news then travel by the 0.5 s heartbeats alone.
                 log.info("fleet: no pub/sub with this client; relying on heartbeats")
                 return
             try:
