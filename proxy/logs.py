@@ -39,6 +39,9 @@ _SHAPES = "|".join(
 _ANY_SHAPE = re.compile(_SHAPES)
 
 
+PATHS_KEPT = 1024  # redacted paths Redactor.path remembers (emptied when full)
+
+
 class Redactor:
     """Masks every registered secret value and every credential-shaped string."""
 
@@ -47,6 +50,7 @@ class Redactor:
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
         self._any: re.Pattern[str] = _ANY_SHAPE  # the secret values or any shape
+        self._paths: dict[str, str] = {}  # see path()
 
     def add(self, value: str) -> None:
         """Mask `value` from now on, in every spelling a log line may give it.
@@ -68,6 +72,7 @@ class Redactor:
         with self._lock:
             self._values.update(s for s in spellings if len(s) >= 6)
             self._pattern = None
+            self._paths = {}
 
     def add_many(self, values: Iterable[str]) -> None:
         for value in values:
@@ -83,6 +88,21 @@ class Redactor:
                 self._any = re.compile(f"(?:{values})|{_SHAPES}")
                 self._pattern = pattern
         return pattern
+
+    def path(self, text: str) -> str:
+        """`self(text)` for a string that repeats (an access line's path), remembered.
+
+        What is remembered is forgotten whenever a secret is added, so a path is never
+        logged with a value that is a secret by then.
+        """
+        paths = self._paths  # add() replaces it: an answer computed before lands in the old one
+        out = paths.get(text)
+        if out is None:
+            out = self(text)
+            if len(paths) >= PATHS_KEPT:
+                paths.clear()
+            paths[text] = out
+        return out
 
     def __call__(self, text: str) -> str:
         pattern = self._compiled()
