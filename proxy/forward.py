@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import TimeoutsConfig, UpstreamConfig
@@ -94,7 +94,7 @@ _COMMON_CONNECTION = {
 def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """The field names a message's `Connection` header lists."""
     named: frozenset[str] = frozenset()
-    for value in headers.getall("Connection", []):
+    for value in headers.getall(hdrs.CONNECTION, ()):
         tokens = _COMMON_CONNECTION.get(value)
         named |= _connection_tokens(value) if tokens is None else tokens
     return named
@@ -138,7 +138,7 @@ def request_headers(
     `Connection` (or sends itself) can remove or duplicate it. A field carrying an app
     token (`cpx_…`) is never sent on, whatever its name.
     """
-    named = _connection_named(incoming) if "Connection" in incoming else _NO_NAMES
+    named = _connection_named(incoming) if hdrs.CONNECTION in incoming else _NO_NAMES
     auth = auth_name.lower()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
@@ -167,7 +167,7 @@ def response_headers(
     through) is dropped: relayed, it would sit beside credproxy's own framing. Added to
     `out` (a response's own headers) when given.
     """
-    named = _connection_named(upstream) if "Connection" in upstream else _NO_NAMES
+    named = _connection_named(upstream) if hdrs.CONNECTION in upstream else _NO_NAMES
     if out is None:
         out = CIMultiDict()
     for name, value in upstream.items():
@@ -502,7 +502,7 @@ async def start_response(
     """Send the upstream's status line and headers to the app."""
     resp = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
     response_headers(upstream_resp.headers, resp.headers)
-    length = upstream_resp.headers.get("Content-Length")
+    length = upstream_resp.headers.get(hdrs.CONTENT_LENGTH)
     if length is not None and length.isdigit():
         resp.content_length = int(length)
     if _complete(upstream_resp.content):

@@ -16,6 +16,7 @@ import functools
 import re
 from ipaddress import ip_address
 
+from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 
 from .config import ListenAddress
@@ -75,17 +76,17 @@ def check_request(
     headers: CIMultiDictProxy[str], raw_target: str, address: ListenAddress | None
 ) -> None:
     """Raise BadRequest/Forbidden unless Host and Origin are acceptable for this listener."""
-    hosts = headers.getall("Host", [])
+    hosts = headers.getall(hdrs.HOST, ())
     if len(hosts) != 1:
         raise BadRequest("exactly one Host header is required")
     name, port = split_host(hosts[0])
-    if "Origin" in headers:
+    if hdrs.ORIGIN in headers:
         raise Forbidden(
             "requests from web pages (with an Origin header) are refused: credproxy "
             "serves local programs, not browsers"
         )
-    if "Sec-Fetch-Site" in headers and any(
-        v.strip().lower() != "none" for v in headers.getall("Sec-Fetch-Site")
+    if hdrs.SEC_FETCH_SITE in headers and any(
+        v.strip().lower() != "none" for v in headers.getall(hdrs.SEC_FETCH_SITE)
     ):
         raise Forbidden(
             "requests from web pages (Sec-Fetch-Site) are refused: credproxy "

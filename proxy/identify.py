@@ -1,8 +1,9 @@
 """Which app is calling: its local app token, its source address, its peer uid.
 
 Apps present a `cpx_` token as `Authorization: Bearer …` or in
-`X-Credproxy-App-Token`. Only SHA-256 hashes of tokens are ever held, and a
-token is looked up by its hash, so neither the comparison nor the table reveals
+`X-Credproxy-App-Token`. Only hashes of tokens are ever held (SHA-256 in the
+store and config, a BLAKE2s fingerprint in the pipeline's in-memory verdicts), and
+a token is looked up by its hash, so neither the comparison nor the table reveals
 through timing which tokens exist. Tokens are read from headers only, never
 from a query string or cookie.
 """
@@ -15,13 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_address
 
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs
+from multidict import CIMultiDictProxy, istr
 
 from .config import AppConfig
 from .errors import Forbidden, Unauthorized
 
 TOKEN_HEADER = "X-Credproxy-App-Token"  # noqa: S105 - a header name
 TOKEN_PREFIX = "cpx_"  # noqa: S105 - the public token prefix
+_TOKEN_FIELD = istr(TOKEN_HEADER)  # look-ups by istr skip lower-casing the name
 ANONYMOUS = "anonymous"
 
 
@@ -34,14 +37,23 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def token_key(token: str) -> bytes:
+    """A token's fingerprint for in-memory tables (the pipeline's verdicts): BLAKE2s-256.
+
+    Never stored and never compared with `token_hash`; BLAKE2s because CPython computes it
+    itself, which costs a request less than a SHA-256 through OpenSSL.
+    """
+    return hashlib.blake2s(token.encode()).digest()
+
+
 def presented_token(headers: CIMultiDictProxy[str]) -> str | None:
     """The app token the request carries, if any (the dedicated header wins)."""
-    if TOKEN_HEADER in headers:
-        values = headers.getall(TOKEN_HEADER)
+    if _TOKEN_FIELD in headers:
+        values = headers.getall(_TOKEN_FIELD)
         if len(values) > 1:
             raise Unauthorized(f"more than one {TOKEN_HEADER} header")
         return values[0].strip()
-    auth = headers.getall("Authorization", [])
+    auth = headers.getall(hdrs.AUTHORIZATION, ())
     if len(auth) == 1:
         scheme, _, value = auth[0].strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip().startswith(TOKEN_PREFIX):
