@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
+from yarl import URL
 
 from .authorize import authorize, required_scope
-from .config import Limits, ListenAddress
+from .config import AppUpstream, Limits, ListenAddress
 from .errors import (
     BadRequest,
     CredentialUnavailable,
@@ -47,9 +49,10 @@ from .forward import (
 )
 from .gate import Gates
 from .guard import check_request
-from .identify import identify
+from .identify import Caller, identify, presented_token, token_key
 from .logs import PRE_REDACTED, direct_handler, query_keys, redactor, write_direct
 from .metrics import Metrics
+from .ratelimit import Limiter
 from .route import OAUTH_CREDENTIAL, Target, candidates, resolve
 from .runtime import Snapshot
 from .secret import Secret
@@ -85,6 +88,8 @@ _RETRY_STATUSES = frozenset({502, 503, 504})
 CLIENT_GONE = 499  # logged (never sent) when the app disconnects before its answer
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_WAIT_HEADER = "X-Credproxy-Max-Wait"
+_MAX_WAIT_FIELD = istr(MAX_WAIT_HEADER)  # look-ups by istr skip lower-casing the name
+VERDICTS_KEPT = 1024  # request shapes whose verdict _decide remembers (emptied when full)
 _BACKOFF_BASE = 0.2
 _BACKOFF_CAP = 5.0
 
@@ -132,7 +137,7 @@ class OAuthCredential:
 
 def _max_wait(request: web.BaseRequest, configured: float) -> float:
     """The wait budget: the upstream's max_wait, lowered (never raised) by the app's header."""
-    asked = request.headers.get(MAX_WAIT_HEADER)
+    asked = request.headers.get(_MAX_WAIT_FIELD)
     if asked is None:
         return configured
     try:
@@ -146,7 +151,7 @@ def _max_wait(request: web.BaseRequest, configured: float) -> float:
 
 async def _read_body(request: web.BaseRequest, limits: Limits) -> Body:
     """The app's body: kept whole (so it can be replayed) up to replay_buffer_bytes, else streamed."""
-    length = request.headers.get("Content-Length")
+    length = request.headers.get(hdrs.CONTENT_LENGTH)
     if length is not None:
         if not length.isdigit():
             raise BadRequest("invalid Content-Length")
@@ -206,6 +211,22 @@ def peer_uid(request: web.BaseRequest) -> int | None:
     return int(uid)
 
 
+@dataclass(slots=True)
+class Verdict:
+    """What `Pipeline._decide` decided for a request shape, and what follows from it."""
+
+    address: ListenAddress | None  # the listener it was decided on
+    caller: Caller
+    target: Target
+    needed: str  # the scope
+    path: str  # as the access line gives it
+    grant: AppUpstream  # the caller's grant on the target's upstream
+    url: URL
+    # The stored key chosen for it while the upstream had no OAuth grant, and its gate.
+    stored: StoredKey | None = None
+    limiter: Limiter | None = None
+
+
 class Pipeline:
     """Runs the stages for each request against the current snapshot."""
 
@@ -226,6 +247,9 @@ class Pipeline:
         self._oauth = oauth
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._series: dict[str, tuple[Any, Any]] = {}
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}  # see _decide
+        self._verdicts_snap: Snapshot | None = None
+        self._verdicts_tokens: Mapping[str, str] | None = None
 
     async def handle(
         self, request: web.BaseRequest, mode: str, address: ListenAddress | None = None
@@ -250,43 +274,40 @@ class Pipeline:
                 raise MethodNotAllowed(f"{method} is not allowed")
 
             headers_in = request.headers
-            raw_path = request.raw_path
-            check_request(headers_in, raw_path, address)
-
             vault = self._vault()
-            uid = peer_uid(request) if address is not None and address.kind == "unix" else None
-            caller = identify(
-                headers_in,
-                request.remote,
-                config.apps,
-                snap.config_tokens,
-                uid,
-                vault.app_tokens(),
-            )
-            ex.app = caller.name
-
-            target = resolve(raw_path, mode, config.upstreams, snap.hosts)
+            verdict = self._decide(ex, request, snap, vault, mode, address)
+            caller, target = verdict.caller, verdict.target
             upstream_name = target.upstream_name
             upstream = target.upstream
-            ex.upstream = upstream_name
-            ex.path = target.path + query_keys(target.query) if target.query else target.path
 
-            needed = required_scope(method, target.path, snap.rules.get(upstream_name, ()))
-            authorize(caller.name, caller.app, upstream_name, needed)
-
-            credential = self._credential(snap, vault, target, needed)
+            manager = self._oauth().get(upstream_name)
+            stored = verdict.stored
+            if (
+                stored is not None
+                and manager is None
+                and vault.secret(stored.name) is stored.secret
+                and verdict.limiter is not None
+            ):
+                credential: Credential = stored
+                limiter = verdict.limiter
+            else:
+                credential = self._credential(snap, vault, target, verdict.needed, manager)
+                limiter = self.gates.limiter(upstream_name, credential.name, upstream)
+                if manager is None and type(credential) is StoredKey:
+                    # The choice holds while the store and the config stay as they are, and
+                    # both empty the verdict table when they change.
+                    verdict.stored, verdict.limiter = credential, limiter
             ex.credential = credential.name
-            grant = caller.app.upstreams[upstream_name]
-            limiter = self.gates.limiter(upstream_name, credential.name, upstream)
+            grant = verdict.grant
             deadline = time.monotonic() + _max_wait(request, upstream.queue.max_wait)
 
             body_exists = request.body_exists
-            if body_exists and headers_in.get("Expect", "").lower() == "100-continue":
+            if body_exists and headers_in.get(hdrs.EXPECT, "").lower() == "100-continue":
                 # Only now, with the app identified and authorised, ask it for the body.
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = (
                 await _read_body(request, config.limits)
-                if body_exists or "Content-Length" in headers_in
+                if body_exists or hdrs.CONTENT_LENGTH in headers_in
                 else None  # what _read_body says without a body or a length to check
             )
             replayable = not isinstance(body, BodyCounter)
@@ -297,7 +318,7 @@ class Pipeline:
             waited, latency = self._upstream_series(upstream_name)
             retried = self.metrics.retries
             auth = upstream.auth_header
-            url = target.url()
+            url = verdict.url
             pool = self.clients.acquire(upstream_name, upstream)
             session = pool.session
             try:
@@ -426,6 +447,83 @@ class Pipeline:
         self._log(ex, started)
         return response
 
+    def _decide(
+        self,
+        ex: Exchange,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        vault: Vault,
+        mode: str,
+        address: ListenAddress | None,
+    ) -> Verdict:
+        """guard -> identify -> route -> authorize: who calls, where to, with which scope.
+
+        What these stages decide depends only on the request's method, target, Host, app
+        token, source (address or peer uid) and listener, and on the config version and
+        the store's app tokens. A request like one already allowed under the same config
+        and tokens gets that verdict again from a table, without running them; the table
+        is emptied when either changes. It is keyed by a hash of the token (`token_key`),
+        never the token, and holds allowed requests only: a refused one runs every stage
+        again, so it is refused for the same reason, in the same order. Requests carrying
+        a browser's Origin or Sec-Fetch-Site, or other than one Host, always run every
+        stage.
+        """
+        headers = request.headers
+        raw_path = request.raw_path
+        method = ex.method
+        uid = peer_uid(request) if address is not None and address.kind == "unix" else None
+        tokens = vault.app_tokens()
+        key: tuple[object, ...] | None = None
+        hosts = headers.getall(hdrs.HOST, ())
+        if len(hosts) == 1 and hdrs.ORIGIN not in headers and hdrs.SEC_FETCH_SITE not in headers:
+            try:
+                token = presented_token(headers)
+            except ProxyError:
+                pass  # the stages below refuse it, after the guard's own checks
+            else:
+                if self._verdicts_snap is not snap or self._verdicts_tokens is not tokens:
+                    self._verdicts.clear()
+                    self._verdicts_snap, self._verdicts_tokens = snap, tokens
+                key = (
+                    method,
+                    raw_path,
+                    hosts[0],
+                    None if token is None else token_key(token),
+                    request.remote,
+                    uid,
+                    mode,
+                    id(address),
+                )
+                verdict = self._verdicts.get(key)
+                if verdict is not None and verdict.address is address:
+                    ex.app = verdict.caller.name
+                    ex.upstream = verdict.target.upstream_name
+                    ex.path = verdict.path
+                    return verdict
+        config = snap.config
+        check_request(headers, raw_path, address)
+        caller = identify(headers, request.remote, config.apps, snap.config_tokens, uid, tokens)
+        ex.app = caller.name
+        target = resolve(raw_path, mode, config.upstreams, snap.hosts)
+        ex.upstream = target.upstream_name
+        ex.path = target.path + query_keys(target.query) if target.query else target.path
+        needed = required_scope(method, target.path, snap.rules.get(target.upstream_name, ()))
+        authorize(caller.name, caller.app, target.upstream_name, needed)
+        verdict = Verdict(
+            address,
+            caller,
+            target,
+            needed,
+            ex.path,
+            caller.app.upstreams[target.upstream_name],
+            target.url(),
+        )
+        if key is not None:
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
+
     def _upstream_series(self, upstream: str) -> tuple[Any, Any]:
         """The queue-wait and latency histograms of an upstream, labelled once."""
         series = self._series.get(upstream)
@@ -436,14 +534,21 @@ class Pipeline:
             )
         return series
 
-    def _credential(self, snap: Snapshot, vault: Vault, target: Target, needed: str) -> Credential:
+    def _credential(
+        self,
+        snap: Snapshot,
+        vault: Vault,
+        target: Target,
+        needed: str,
+        manager: TokenManager | None,
+    ) -> Credential:
         """The least privileged credential that covers `needed` and can be used now.
 
         The candidates, in order, come from the snapshot's table (built once per config
-        version); whether each one is in the store is asked on every request, so a key
-        added or removed at run time counts at once.
+        version); whether each one is in the store is asked whenever the store changed
+        (a verdict keeps the choice until then), so a key added or removed at run time
+        counts within the store's poll interval.
         """
-        manager = self._oauth().get(target.upstream_name)
         refs = snap.credentials.get((target.upstream_name, needed, manager is not None))
         if refs is None:  # no credential covers it (or a scope outside the table): say why
             refs = tuple(
@@ -491,7 +596,7 @@ class Pipeline:
         if not access_log.isEnabledFor(logging.INFO):
             return
         ms = (time.perf_counter() - started) * 1000
-        path = redactor(ex.path) if ex.path != "-" else ex.path
+        path = redactor.path(ex.path) if ex.path != "-" else ex.path
         cred = "-" if ex.credential is None else f"cred={ex.credential}"
         tail = (f" retries={ex.retries}" if ex.retries else "") + (
             f" error={ex.error}" if ex.error else ""

@@ -93,7 +93,8 @@ def _pick(snap: Snapshot, vault: _Vault, needed: str) -> str:
         None,  # type: ignore[arg-type]
     )
     target = resolve("/api/things", MAIN, snap.config.upstreams, snap.hosts)
-    return pipeline._credential(snap, vault, target, needed).name  # type: ignore[arg-type]
+    manager = pipeline._oauth().get(target.upstream_name)
+    return pipeline._credential(snap, vault, target, needed, manager).name  # type: ignore[arg-type]
 
 
 def test_least_privileged_present_key_across_reloads_and_store_changes() -> None:
@@ -293,3 +294,16 @@ def test_redactor_shortcut_changes_nothing() -> None:
         assert r(text) == _four_passes(r, text), text
     assert r("path/sk_live_secret_123/x") == "path/[REDACTED]/x"
     assert r("/v1/auth/test") == "/v1/auth/test"
+
+
+def test_remembered_paths_are_redacted_again_once_a_secret_is_added() -> None:
+    """`Redactor.path` answers as the redactor does, also after a path became secret-bearing."""
+    r = logs.Redactor()
+    path = "/v1/keys/abcdef123456/rotate"
+    assert r.path(path) == path
+    assert r.path(path) == path  # remembered
+    r.add("abcdef123456")
+    assert r.path(path) == r(path) == "/v1/keys/[REDACTED]/rotate"
+    for i in range(logs.PATHS_KEPT + 5):  # bounded: emptied when full
+        assert r.path(f"/v1/items/{i}") == f"/v1/items/{i}"
+    assert len(r._paths) <= logs.PATHS_KEPT
