@@ -23,7 +23,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.config import QueueConfig, RateLimitConfig
 from proxy.errors import ProxyError, QueueFull, RateLimitExceeded
@@ -220,6 +220,7 @@ def _late(bound: float, deadline: float) -> bool:
 
 # aiohttp's header types: `get` ignores the case of the name.
 _CASELESS = (CIMultiDict, CIMultiDictProxy)
+_REMAINING = istr("X-RateLimit-Remaining")  # look-ups by istr skip lower-casing the name
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -386,6 +387,31 @@ class Limiter:
             return False
         now = self._clock()
         state = self._app(app, app_limit, now)
+        if (
+            self._hold_end is None
+            and self._reset_at is None
+            and self._remaining is None
+            and self._timer is None
+            and not (self._depth or self._heap or self._stored)
+        ):
+            # The common case: no hold, no server count, nobody queued, no timer. What the
+            # general path below would do comes down to the windows alone.
+            ready = now + EPS
+            for window in self._windows:
+                if window.tat - window.tau > ready:
+                    return False
+            for window in state.windows:
+                if window.tat - window.tau > ready:
+                    return False
+            for window in self._windows:
+                window.take(now)
+            for window in state.windows:
+                window.take(now)
+            return True
+        return self._try_acquire(now, state, retry)
+
+    def _try_acquire(self, now: float, state: _App, retry: bool) -> bool:
+        """`try_acquire` in full: every state may take this path and get the same answer."""
         if self._depth or self._heap or self._stored:
             self._pump(now)
         else:
@@ -467,7 +493,7 @@ class Limiter:
             status != 429
             and self._budget is None
             and not (self._depth or self._heap or self._stored)
-            and _header(headers, "X-RateLimit-Remaining") is None
+            and _header(headers, _REMAINING) is None
         ):
             # The common answer: no 429, no count from the server, nobody queued and no fleet.
             # `_observe` would refresh, clear the strikes, find no header to follow and pump
@@ -593,7 +619,7 @@ class Limiter:
         state = self._apps.get(name)
         if state is None:
             state = self._apps[name] = _App(name)
-        if limit != state.limit:
+        if limit is not state.limit and limit != state.limit:  # a model compares field by field
             state.limit = limit
             state.windows = _build_windows(limit, now, state.windows)
         return state

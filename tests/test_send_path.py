@@ -2,6 +2,7 @@
 
 - `Limiter.observe` answers a plain response (no 429, no rate-limit headers, nobody queued)
   without its full path: the limiter's state must be the same as after the full path.
+  `Limiter.try_acquire` likewise decides on the windows alone when nothing else is in play.
 - The upstream send slots are a plain counter: a free slot is taken without a coroutine,
   a waiter is handed the next slot, and a cancelled waiter neither keeps nor loses one.
 - A complete upstream body goes out in the same write as its head; a stream's head still
@@ -100,6 +101,35 @@ async def test_observe_fast_path_leaves_the_state_the_full_path_leaves(
         assert fast.observe(status, headers) == full._observe(status, headers, None)
         assert _state(fast) == _state(full), (move, status, pairs)
     assert taken > 2  # the script did spend budget on both
+    for lim in (fast, full):
+        if lim._timer is not None:
+            lim._timer.cancel()
+
+
+@pytest.mark.parametrize("app_limit", [None, RateLimitConfig(per_minute=2)])
+@pytest.mark.parametrize("limit", [None, RateLimitConfig(per_minute=3)])
+async def test_try_acquire_fast_path_answers_as_the_full_path(
+    limit: RateLimitConfig | None, app_limit: RateLimitConfig | None
+) -> None:
+    """With no hold, count, queue or timer, `try_acquire` decides on the windows alone: the
+    same answer and the same state as its full path, through holds and server counts."""
+    clocks = (FakeClock(), FakeClock())
+    fast, full = (
+        Limiter("api/k", limit, QueueConfig(max_wait=3600.0), clock=c, wall=c.wall) for c in clocks
+    )
+    answers = []
+    for move, status, pairs in _SCRIPT:
+        for clock in clocks:
+            clock.now += move
+        for _ in range(3):
+            now = clocks[1].now
+            got = fast.try_acquire("app", app_limit=app_limit)
+            assert got == full._try_acquire(now, full._app("app", app_limit, now), False)
+            assert _state(fast) == _state(full), (move, status, pairs)
+            answers.append(got)
+        headers = _headers(pairs, True)
+        assert fast.observe(status, headers) == full.observe(status, headers)
+    assert True in answers and False in answers
     for lim in (fast, full):
         if lim._timer is not None:
             lim._timer.cancel()
