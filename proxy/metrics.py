@@ -6,9 +6,82 @@ holds a secret or a request path (paths may carry identifiers and are unbounded)
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Latency:
+    """One upstream's latency histogram, as plain numbers (see `Tallies`)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le = "less or equal")
+        self.counts[bisect_left(_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+class Tallies(Collector):
+    """What every request counts, kept as plain ints and floats and read at scrape time.
+
+    `credproxy_requests` and `credproxy_upstream_seconds` change on every request: a
+    prometheus_client child would take a lock and a few calls each time. These are
+    only ever touched on the event loop (requests and /metrics alike), so they need
+    no lock; the registry turns them into the same families when /metrics is read.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, Latency] = {}
+
+    def count(self, app: str, upstream: str, status: int) -> None:
+        key = (app, upstream, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def upstream(self, name: str) -> Latency:
+        latency = self.latency.get(name)
+        if latency is None:
+            latency = self.latency[name] = Latency()
+        return latency
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families()
+
+    def _families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "credproxy_requests",
+            "Requests answered, by app, upstream and status.",
+            labels=("app", "upstream", "status"),
+        )
+        for (app, upstream, status), n in self.requests.items():
+            requests.add_metric((app, upstream, str(status)), n)
+        yield requests
+        seconds = HistogramMetricFamily(
+            "credproxy_upstream_seconds",
+            "Time from sending a request upstream to its response headers.",
+            labels=("upstream",),
+        )
+        bounds = [repr(float(b)) for b in _BUCKETS] + ["+Inf"]  # as prometheus_client writes `le`
+        for name, latency in self.latency.items():
+            cumulative, total = [], 0
+            for bound, n in zip(bounds, latency.counts, strict=True):
+                total += n
+                cumulative.append((bound, total))
+            seconds.add_metric((name,), cumulative, latency.sum)
+        yield seconds
 
 
 class Metrics:
@@ -17,19 +90,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "credproxy_requests",
-            "Requests answered, by app, upstream and status.",
-            ("app", "upstream", "status"),
-            registry=r,
-        )
-        self.upstream_seconds = Histogram(
-            "credproxy_upstream_seconds",
-            "Time from sending a request upstream to its response headers.",
-            ("upstream",),
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        # credproxy_requests and credproxy_upstream_seconds
+        self.tallies = Tallies()
+        r.register(self.tallies)
         self.queue_depth = Gauge(
             "credproxy_queue_depth", "Requests waiting per upstream.", ("upstream",), registry=r
         )

@@ -245,7 +245,7 @@ class Pipeline:
         self.metrics = metrics
         self.gates = gates
         self._oauth = oauth
-        self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._counts = metrics.tallies.requests  # credproxy_requests, by (app, upstream, status)
         self._series: dict[str, tuple[Any, Any]] = {}
         self._verdicts: dict[tuple[object, ...], Verdict] = {}  # see _decide
         self._verdicts_snap: Snapshot | None = None
@@ -530,7 +530,7 @@ class Pipeline:
         if series is None:
             series = self._series[upstream] = (
                 self.metrics.queue_wait.labels(upstream),
-                self.metrics.upstream_seconds.labels(upstream),
+                self.metrics.tallies.upstream(upstream),
             )
         return series
 
@@ -586,13 +586,9 @@ class Pipeline:
 
     def _log(self, ex: Exchange, started: float) -> None:
         """One access line and one request count; built without the generic logging path."""
+        counts = self._counts
         key = (ex.app, ex.upstream, ex.status)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._request_counters[key] = self.metrics.requests.labels(
-                ex.app, ex.upstream, str(ex.status)
-            )
-        counter.inc()
+        counts[key] = counts.get(key, 0) + 1
         if not access_log.isEnabledFor(logging.INFO):
             return
         ms = (time.perf_counter() - started) * 1000

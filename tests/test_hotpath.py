@@ -307,3 +307,45 @@ def test_remembered_paths_are_redacted_again_once_a_secret_is_added() -> None:
     for i in range(logs.PATHS_KEPT + 5):  # bounded: emptied when full
         assert r.path(f"/v1/items/{i}") == f"/v1/items/{i}"
     assert len(r._paths) <= logs.PATHS_KEPT
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_tallies_render_what_prometheus_client_children_render() -> None:
+    """The plain counts behind credproxy_requests and credproxy_upstream_seconds give the same
+    samples as a prometheus_client Counter and Histogram fed the same requests."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.metrics import _BUCKETS, Metrics, generate_latest
+
+    metrics = Metrics()
+    registry = CollectorRegistry()
+    counter = Counter("credproxy_requests", "x", ("app", "upstream", "status"), registry=registry)
+    histogram = Histogram(
+        "credproxy_upstream_seconds", "x", ("upstream",), buckets=_BUCKETS, registry=registry
+    )
+    answers = [("a", "api", 200), ("a", "api", 200), ("b", "api", 429), ("a", "other", 503)]
+    for app, upstream, status in answers:
+        metrics.tallies.count(app, upstream, status)
+        counter.labels(app, upstream, str(status)).inc()
+    latencies = [0.0, 0.004, 0.005, 0.0051, 1, 2.4999, 300, 300.5, 1e6]
+    for i, seconds in enumerate(latencies):
+        upstream = "api" if i % 3 else "other"
+        metrics.tallies.upstream(upstream).observe(seconds)
+        histogram.labels(upstream).observe(seconds)
+
+    def samples(text: bytes) -> dict[str, set[tuple[Any, ...]]]:
+        return {
+            f.name: {
+                (s.name, tuple(sorted(s.labels.items())), s.value)
+                for s in f.samples
+                if not s.name.endswith("_created")
+            }
+            for f in text_string_to_metric_families(text.decode())
+        }
+
+    ours, theirs = samples(metrics.render()), samples(generate_latest(registry))
+    for family in ("credproxy_requests", "credproxy_upstream_seconds"):
+        assert ours[family] == theirs[family]
