@@ -6,6 +6,7 @@ holds a secret or a request path (paths may carry identifiers and are unbounded)
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -42,11 +43,16 @@ class Tallies(Collector):
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
+        self.created: dict[tuple[str, str, int], float] = {}  # `_created`, as a Counter child has
         self.latency: dict[str, Latency] = {}
 
     def count(self, app: str, upstream: str, status: int) -> None:
         key = (app, upstream, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        n = self.requests.get(key)
+        if n is None:
+            self.created[key] = time.time()
+            n = 0
+        self.requests[key] = n + 1
 
     def upstream(self, name: str) -> Latency:
         latency = self.latency.get(name)
@@ -67,7 +73,8 @@ class Tallies(Collector):
             labels=("app", "upstream", "status"),
         )
         for (app, upstream, status), n in self.requests.items():
-            requests.add_metric((app, upstream, str(status)), n)
+            key = (app, upstream, status)
+            requests.add_metric((app, upstream, str(status)), n, created=self.created.get(key))
         yield requests
         seconds = HistogramMetricFamily(
             "credproxy_upstream_seconds",

@@ -245,7 +245,7 @@ class Pipeline:
         self.metrics = metrics
         self.gates = gates
         self._oauth = oauth
-        self._counts = metrics.tallies.requests  # credproxy_requests, by (app, upstream, status)
+        self._tallies = metrics.tallies
         self._series: dict[str, tuple[Any, Any]] = {}
         self._verdicts: dict[tuple[object, ...], Verdict] = {}  # see _decide
         self._verdicts_snap: Snapshot | None = None
@@ -586,9 +586,7 @@ class Pipeline:
 
     def _log(self, ex: Exchange, started: float) -> None:
         """One access line and one request count; built without the generic logging path."""
-        counts = self._counts
-        key = (ex.app, ex.upstream, ex.status)
-        counts[key] = counts.get(key, 0) + 1
+        self._tallies.count(ex.app, ex.upstream, ex.status)
         if not access_log.isEnabledFor(logging.INFO):
             return
         ms = (time.perf_counter() - started) * 1000

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -338,14 +339,17 @@ def test_tallies_render_what_prometheus_client_children_render() -> None:
 
     def samples(text: bytes) -> dict[str, set[tuple[Any, ...]]]:
         return {
-            f.name: {
-                (s.name, tuple(sorted(s.labels.items())), s.value)
-                for s in f.samples
-                if not s.name.endswith("_created")
-            }
+            f.name: {(s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples}
             for f in text_string_to_metric_families(text.decode())
         }
 
     ours, theirs = samples(metrics.render()), samples(generate_latest(registry))
     for family in ("credproxy_requests", "credproxy_upstream_seconds"):
         assert ours[family] == theirs[family]
+    # A counter's `_created` is the time of its first count: both within this test's run.
+    now = time.time()
+    created = [
+        {(labels, v) for _n, labels, v in f["credproxy_requests_created"]} for f in (ours, theirs)
+    ]
+    assert {labels for labels, _v in created[0]} == {labels for labels, _v in created[1]}
+    assert len(created[0]) == 3 and all(now - 60 < v <= now for _l, v in created[0])
