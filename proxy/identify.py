@@ -24,7 +24,7 @@ from .errors import Forbidden, Unauthorized
 
 TOKEN_HEADER = "X-Credproxy-App-Token"  # noqa: S105 - a header name
 TOKEN_PREFIX = "cpx_"  # noqa: S105 - the public token prefix
-_TOKEN_FIELD = istr(TOKEN_HEADER)  # look-ups by istr skip lower-casing the name
+TOKEN_FIELD = istr(TOKEN_HEADER)  # look-ups by istr skip lower-casing the name
 ANONYMOUS = "anonymous"
 
 
@@ -48,8 +48,8 @@ def token_key(token: str) -> bytes:
 
 def presented_token(headers: CIMultiDictProxy[str]) -> str | None:
     """The app token the request carries, if any (the dedicated header wins)."""
-    if _TOKEN_FIELD in headers:
-        values = headers.getall(_TOKEN_FIELD)
+    if TOKEN_FIELD in headers:
+        values = headers.getall(TOKEN_FIELD)
         if len(values) > 1:
             raise Unauthorized(f"more than one {TOKEN_HEADER} header")
         return values[0].strip()

@@ -49,7 +49,7 @@ from .forward import (
 )
 from .gate import Gates
 from .guard import check_request
-from .identify import Caller, identify, presented_token, token_key
+from .identify import TOKEN_FIELD, Caller, identify, token_key
 from .logs import PRE_REDACTED, direct_handler, query_keys, redactor, write_direct
 from .metrics import Metrics
 from .ratelimit import Limiter
@@ -476,30 +476,29 @@ class Pipeline:
         key: tuple[object, ...] | None = None
         hosts = headers.getall(hdrs.HOST, ())
         if len(hosts) == 1 and hdrs.ORIGIN not in headers and hdrs.SEC_FETCH_SITE not in headers:
-            try:
-                token = presented_token(headers)
-            except ProxyError:
-                pass  # the stages below refuse it, after the guard's own checks
-            else:
-                if self._verdicts_snap is not snap or self._verdicts_tokens is not tokens:
-                    self._verdicts.clear()
-                    self._verdicts_snap, self._verdicts_tokens = snap, tokens
-                key = (
-                    method,
-                    raw_path,
-                    hosts[0],
-                    None if token is None else token_key(token),
-                    request.remote,
-                    uid,
-                    mode,
-                    id(address),
-                )
-                verdict = self._verdicts.get(key)
-                if verdict is not None and verdict.address is address:
-                    ex.app = verdict.caller.name
-                    ex.upstream = verdict.target.upstream_name
-                    ex.path = verdict.path
-                    return verdict
+            if self._verdicts_snap is not snap or self._verdicts_tokens is not tokens:
+                self._verdicts.clear()
+                self._verdicts_snap, self._verdicts_tokens = snap, tokens
+            # identify reads these two fields and nothing else of the headers: a fingerprint
+            # of their values stands for the token it finds (values hold no line breaks).
+            own = headers.getall(TOKEN_FIELD, ())
+            auth = headers.getall(hdrs.AUTHORIZATION, ())
+            key = (
+                method,
+                raw_path,
+                hosts[0],
+                token_key("\n".join(own) + "\0" + "\n".join(auth)) if own or auth else None,
+                request.remote,
+                uid,
+                mode,
+                id(address),
+            )
+            verdict = self._verdicts.get(key)
+            if verdict is not None and verdict.address is address:
+                ex.app = verdict.caller.name
+                ex.upstream = verdict.target.upstream_name
+                ex.path = verdict.path
+                return verdict
         config = snap.config
         check_request(headers, raw_path, address)
         caller = identify(headers, request.remote, config.apps, snap.config_tokens, uid, tokens)
