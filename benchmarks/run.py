@@ -295,6 +295,32 @@ def wrk(
     return res
 
 
+def combine_halves(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from its halves: totals for requests and CPU, the mean of the percentiles."""
+    requests = sum(p["requests"] for p in parts)
+    seconds = sum(p["requests"] / p["rps"] for p in parts if p["rps"])
+    cpu = sum(p["cpu_s"] for p in parts)
+
+    def mean(key: str) -> float | None:
+        vals = [p[key] for p in parts if p.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "rps": requests / seconds if seconds else 0.0,
+        "requests": requests,
+        "p50_ms": mean("p50_ms"),
+        "p99_ms": mean("p99_ms"),
+        "non2xx": sum(p["non2xx"] for p in parts),
+        "socket_errors": sum(p["socket_errors"] for p in parts),
+        "conns": parts[0]["conns"],
+        "cpu_s": cpu,
+        "cpu_us_per_req": cpu / max(1, requests) * 1e6,
+        "rss_peak_mb": max(p["rss_peak_mb"] for p in parts),
+        "rss_end_mb": parts[-1]["rss_end_mb"],
+        "halves": parts,
+    }
+
+
 def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -648,16 +674,22 @@ http {{
         for r in range(a.runs):
             run: dict[str, Any] = {}
             for i, c in enumerate(a.conns):
+                # Each proxy's cell is two halves, run A B B A: a drift of the machine, or
+                # whatever the cell before left behind, weighs on both alike.
                 order = ["ref", "cpx"] if (r + i) % 2 == 0 else ["cpx", "ref"]
-                for which in order:
-                    res = wrk(
-                        self.url(which, "api"),
-                        c,
-                        a.duration,
-                        f"Authorization: {self.auth}",
-                        self.p[which],
+                halves: dict[str, list[dict[str, Any]]] = {"ref": [], "cpx": []}
+                for which in order + order[::-1]:
+                    halves[which].append(
+                        wrk(
+                            self.url(which, "api"),
+                            c,
+                            a.duration / 2,
+                            f"Authorization: {self.auth}",
+                            self.p[which],
+                        )
                     )
-                    run[f"{which}_c{c}"] = res
+                for which in order:
+                    res = run[f"{which}_c{c}"] = combine_halves(halves[which])
                     log(
                         f"  run {r + 1} {which} c={c}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.2f} ms,"
                         f" p99 {res['p99_ms']:.2f} ms, {res['cpu_us_per_req']:.0f} us CPU/req,"
