@@ -398,15 +398,11 @@ class Limiter:
             # general path below would do comes down to the windows alone.
             ready = now + EPS
             for window in self._windows:
-                if window.tat - window.tau > ready:
+                if window.ready_at() > ready:
                     return False
-            for window in state.windows:
-                if window.tat - window.tau > ready:
-                    return False
-            for window in self._windows:
-                window.take(now)
-            for window in state.windows:
-                window.take(now)
+            if state.ready_at(now) > ready:
+                return False
+            self._charge(now, state)
             return True
         return self._try_acquire(now, state, retry)
 
