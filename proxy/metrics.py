@@ -72,8 +72,8 @@ class Tallies(Collector):
             "Requests answered, by app, upstream and status.",
             labels=("app", "upstream", "status"),
         )
-        for (app, upstream, status), n in self.requests.items():
-            key = (app, upstream, status)
+        for key, n in self.requests.items():
+            app, upstream, status = key
             requests.add_metric((app, upstream, str(status)), n, created=self.created.get(key))
         yield requests
         seconds = HistogramMetricFamily(

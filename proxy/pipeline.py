@@ -223,8 +223,7 @@ class Verdict:
     grant: AppUpstream  # the caller's grant on the target's upstream
     url: URL
     # The stored key chosen for it while the upstream had no OAuth grant, and its gate.
-    stored: StoredKey | None = None
-    limiter: Limiter | None = None
+    stored: tuple[StoredKey, Limiter] | None = None
 
 
 class Pipeline:
@@ -285,18 +284,17 @@ class Pipeline:
             if (
                 stored is not None
                 and manager is None
-                and vault.secret(stored.name) is stored.secret
-                and verdict.limiter is not None
+                and vault.secret(stored[0].name) is stored[0].secret
             ):
-                credential: Credential = stored
-                limiter = verdict.limiter
+                credential: Credential
+                credential, limiter = stored
             else:
                 credential = self._credential(snap, vault, target, verdict.needed, manager)
                 limiter = self.gates.limiter(upstream_name, credential.name, upstream)
                 if manager is None and type(credential) is StoredKey:
                     # The choice holds while the store and the config stay as they are, and
                     # both empty the verdict table when they change.
-                    verdict.stored, verdict.limiter = credential, limiter
+                    verdict.stored = (credential, limiter)
             ex.credential = credential.name
             grant = verdict.grant
             deadline = time.monotonic() + _max_wait(request, upstream.queue.max_wait)
@@ -529,7 +527,7 @@ class Pipeline:
         if series is None:
             series = self._series[upstream] = (
                 self.metrics.queue_wait.labels(upstream),
-                self.metrics.tallies.upstream(upstream),
+                self._tallies.upstream(upstream),
             )
         return series
 
